@@ -1,0 +1,148 @@
+"""Domain XML → the host PCI devices a VM is given.
+
+The XML comes from libvirtd on the hook's stdin or from a file an admin names, so it is
+parsed defensively: size capped, UTF-8 only, no DOCTYPE (libvirt never writes one, and
+it is the door for entity expansion and external entities), no network, no DTD.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from lxml import etree
+
+from vfio_libvirt.errors import InputError
+from vfio_libvirt.names import driver_name
+from vfio_libvirt.pci import PciAddress
+
+# Real domain XMLs are a few KiB; a generous cap still stops a memory-exhaustion attempt.
+MAX_XML_BYTES = 4 * 1024 * 1024
+
+Origin = Literal["hostdev", "interface"]
+
+
+@dataclass(frozen=True)
+class HostDev:
+    """One host PCI device assigned to the domain."""
+
+    address: PciAddress
+    managed: bool
+    driver_model: str | None
+    origin: Origin
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "address": str(self.address),
+            "managed": self.managed,
+            "driver_model": self.driver_model,
+            "origin": self.origin,
+        }
+
+
+@dataclass(frozen=True)
+class Domain:
+    name: str
+    uuid: str | None
+    hostdevs: tuple[HostDev, ...]
+    root: etree._Element
+
+    @classmethod
+    def from_xml(cls, data: bytes) -> Domain:
+        root = parse_xml(data)
+        if root.tag != "domain":
+            raise InputError(f"not a domain XML: root element is <{root.tag}>")
+        name = (root.findtext("name") or "").strip()
+        if not name:
+            raise InputError("domain XML has no <name>")
+        uuid = (root.findtext("uuid") or "").strip() or None
+        return cls(name=name, uuid=uuid, hostdevs=tuple(pci_hostdevs(root)), root=root)
+
+
+def parse_xml(data: bytes) -> etree._Element:
+    """Parse untrusted XML bytes, or raise InputError with a one-line reason."""
+    if len(data) > MAX_XML_BYTES:
+        raise InputError(f"XML document too large ({len(data)} bytes, limit {MAX_XML_BYTES})")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(f"XML is not valid UTF-8 (byte {err.start})") from None
+    if b"<!DOCTYPE" in data or b"<!ENTITY" in data:
+        raise InputError("XML with DOCTYPE or entity declarations is not accepted")
+    parser = etree.XMLParser(
+        resolve_entities=False,
+        no_network=True,
+        load_dtd=False,
+        dtd_validation=False,
+        huge_tree=False,
+        remove_pis=True,
+    )
+    try:
+        root = etree.fromstring(data, parser)
+    except etree.XMLSyntaxError as err:
+        message = str(err).splitlines()[0] if str(err) else "syntax error"
+        raise InputError(f"malformed XML: {message}") from None
+    if root is None:
+        raise InputError("malformed XML: empty document")
+    return root
+
+
+def pci_hostdevs(root: etree._Element) -> list[HostDev]:
+    """The host PCI devices of a `<domain>`, in document order.
+
+    `<hostdev mode='subsystem' type='pci'>` and `<interface type='hostdev'>` with a PCI
+    source address; USB, SCSI, mdev and other hostdevs are not PCI and are skipped.
+    Only the `<source>` address names a host device: a top-level `<address>` is where
+    the device appears in the guest.
+    """
+    found: list[HostDev] = []
+    seen: set[PciAddress] = set()
+    for element in root.xpath("devices/hostdev | devices/interface"):
+        hostdev = _hostdev_of(element)
+        if hostdev is None:
+            continue
+        if hostdev.address in seen:
+            raise InputError(f"PCI device {hostdev.address} is assigned twice")
+        seen.add(hostdev.address)
+        found.append(hostdev)
+    return found
+
+
+def _hostdev_of(element: etree._Element) -> HostDev | None:
+    if element.tag == "hostdev":
+        if element.get("mode", "subsystem") != "subsystem" or element.get("type") != "pci":
+            return None
+        origin: Origin = "hostdev"
+        address = element.find("source/address")
+    else:
+        if element.get("type") != "hostdev":
+            return None
+        origin = "interface"
+        address = element.find("source/address")
+        if address is not None and address.get("type", "pci") != "pci":
+            return None
+    if address is None:
+        raise InputError(f"<{element.tag}> of a PCI device has no <source><address>")
+    pci = PciAddress.from_xml(
+        domain=address.get("domain"),
+        bus=address.get("bus"),
+        slot=address.get("slot"),
+        function=address.get("function"),
+    )
+    model = element.find("driver")
+    driver_model = model.get("model") if model is not None else None
+    return HostDev(
+        address=pci,
+        managed=_yes_no(element.get("managed"), pci),
+        driver_model=driver_name(driver_model) if driver_model is not None else None,
+        origin=origin,
+    )
+
+
+def _yes_no(value: str | None, address: PciAddress) -> bool:
+    # libvirt's default for both <hostdev> and <interface type='hostdev'> is managed='no'.
+    if value is None or value == "no":
+        return False
+    if value == "yes":
+        return True
+    raise InputError(f"device {address}: managed={value!r} is not 'yes' or 'no'")
