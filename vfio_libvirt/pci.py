@@ -59,16 +59,11 @@ class PciAddress:
     ) -> PciAddress:
         """Build from libvirt's `<address domain= bus= slot= function=>` attributes.
 
-        libvirt makes domain optional (0) and requires the other three.
+        libvirt (virPCIDeviceAddressParseXML) treats every attribute as optional, a
+        missing one being 0, and reads each with strtoul base 0.
         """
-        values: dict[str, int] = {"domain": 0}
-        for field, text in (("domain", domain), ("bus", bus), ("slot", slot), ("function", function)):
-            if text is None:
-                if field == "domain":
-                    continue
-                raise InputError(f"PCI address is missing its {field} attribute")
-            values[field] = _xml_number(field, text)
-        return cls(**values)
+        fields = (("domain", domain), ("bus", bus), ("slot", slot), ("function", function))
+        return cls(**{f: 0 if text is None else _xml_number(f, text) for f, text in fields})
 
     def __str__(self) -> str:
         return f"{self.domain:04x}:{self.bus:02x}:{self.slot:02x}.{self.function:x}"

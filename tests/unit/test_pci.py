@@ -45,6 +45,8 @@ def test_string_form_is_canonical_lowercase():
         ({"domain": "0x1", "bus": "0XfF", "slot": "0x1F", "function": "7"}, "0001:ff:1f.7"),
         ({"domain": "0", "bus": "010", "slot": "0", "function": "0"}, "0000:08:00.0"),  # octal
         ({"domain": "65535", "bus": "255", "slot": "31", "function": "0"}, "ffff:ff:1f.0"),
+        # libvirt: every attribute optional, a missing one is 0
+        ({"domain": None, "bus": None, "slot": "0x1", "function": None}, "0000:00:01.0"),
     ],
 )
 def test_from_xml_accepts_libvirt_number_forms(attrs, expected):
@@ -62,7 +64,6 @@ def test_from_xml_accepts_libvirt_number_forms(attrs, expected):
         ({"domain": "0", "bus": "-1", "slot": "0", "function": "0"}, "bus"),
         ({"domain": "0", "bus": "08", "slot": "0", "function": "0"}, "bus"),  # bad octal
         ({"domain": "0", "bus": "1" * 5000, "slot": "0", "function": "0"}, "bus"),
-        ({"domain": "0", "bus": None, "slot": "0", "function": "0"}, "bus"),
         ({"domain": "0", "bus": "0", "slot": "0", "function": ""}, "function"),
     ],
 )
