@@ -60,7 +60,7 @@ def cmd_resolve(args: argparse.Namespace, settings: Settings) -> int:
     if (args.bdf is None) == (args.modalias is None):
         raise InputError("give either a PCI address or --modalias")
     if args.bdf is not None:
-        modalias = Sysfs(settings.sys).modalias(PciAddress.parse(args.bdf))
+        modalias = Sysfs(settings.sysfs_root).modalias(PciAddress.parse(args.bdf))
     else:
         modalias = args.modalias
     alias_file = Path(args.alias_file) if args.alias_file else None
@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("hostdevs", cmd_hostdevs, "list the host PCI devices a domain XML assigns")
     p.add_argument("--xml", required=True, metavar="FILE", help="domain XML file, or - for stdin")
     p.add_argument("--json", action="store_true")
+
+    from vfio_libvirt import cli_host
+
+    cli_host.register(command)
     return parser
 
 

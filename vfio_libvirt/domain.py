@@ -12,12 +12,14 @@ from typing import Literal
 
 from lxml import etree
 
+from vfio_libvirt.config import VmPolicy
 from vfio_libvirt.errors import InputError
 from vfio_libvirt.names import driver_name
 from vfio_libvirt.pci import PciAddress
+from vfio_libvirt.settings import MAX_XML_BYTES
 
-# Real domain XMLs are a few KiB; a generous cap still stops a memory-exhaustion attempt.
-MAX_XML_BYTES = 4 * 1024 * 1024
+__all__ = ["MAX_XML_BYTES", "Domain", "HostDev", "parse_xml", "pci_hostdevs"]
+
 
 Origin = Literal["hostdev", "interface"]
 
@@ -45,7 +47,7 @@ class Domain:
     name: str
     uuid: str | None
     hostdevs: tuple[HostDev, ...]
-    root: etree._Element
+    policy: VmPolicy = VmPolicy()
 
     @classmethod
     def from_xml(cls, data: bytes) -> Domain:
@@ -56,7 +58,12 @@ class Domain:
         if not name:
             raise InputError("domain XML has no <name>")
         uuid = (root.findtext("uuid") or "").strip() or None
-        return cls(name=name, uuid=uuid, hostdevs=tuple(pci_hostdevs(root)), root=root)
+        return cls(
+            name=name,
+            uuid=uuid,
+            hostdevs=tuple(pci_hostdevs(root)),
+            policy=VmPolicy.from_domain(root),
+        )
 
 
 def parse_xml(data: bytes) -> etree._Element:

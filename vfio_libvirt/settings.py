@@ -14,6 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+# Real domain XMLs are a few KiB; a generous cap still stops a memory-exhaustion attempt.
+MAX_XML_BYTES = 4 * 1024 * 1024
+
+
 @dataclass(frozen=True)
 class Settings:
     sysfs_root: Path
@@ -22,10 +26,6 @@ class Settings:
     state_dir: Path
     config_path: Path
     modprobe: tuple[str, ...]
-
-    @property
-    def sys(self) -> Path:
-        return self.sysfs_root / "sys"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

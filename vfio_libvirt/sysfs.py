@@ -21,10 +21,12 @@ _BRIDGE_CLASSES = {0x0604, 0x0609}
 
 
 class Sysfs:
-    def __init__(self, sys_root: Path) -> None:
-        self.sys = sys_root
-        self.pci_devices = sys_root / "bus" / "pci" / "devices"
-        self.pci_drivers = sys_root / "bus" / "pci" / "drivers"
+    def __init__(self, root: Path) -> None:
+        """`root` is `$VFIO_LIBVIRT_SYSFS_ROOT`: sysfs is `root/sys`, procfs `root/proc`."""
+        self.sys = root / "sys"
+        self.proc = root / "proc"
+        self.pci_devices = self.sys / "bus" / "pci" / "devices"
+        self.pci_drivers = self.sys / "bus" / "pci" / "drivers"
 
     # --- reading -----------------------------------------------------------------
     def device_dir(self, address: PciAddress) -> Path:
@@ -83,6 +85,44 @@ class Sysfs:
             return any(os.scandir(self.device_dir(address) / "vfio-dev"))
         except (FileNotFoundError, NotADirectoryError):
             return False
+
+    def vfio_dev_nodes(self, address: PciAddress) -> set[str]:
+        """The /dev paths through which userspace holds this device open via VFIO."""
+        nodes = set()
+        if group := self.iommu_group(address):
+            nodes.add(f"/dev/vfio/{group}")
+        try:
+            nodes.update(f"/dev/vfio/devices/{e.name}" for e in os.scandir(
+                self.device_dir(address) / "vfio-dev"))
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        return nodes
+
+    def vfio_holders(self, address: PciAddress) -> list[str]:
+        """Processes (`pid (comm)`) holding the device's VFIO group or cdev open.
+
+        Unbinding a VFIO device that a process still uses blocks in the kernel until the
+        process lets go, so callers wait (with a deadline) while this is non-empty.
+        """
+        nodes = self.vfio_dev_nodes(address)
+        holders = []
+        try:
+            pids = [p for p in os.listdir(self.proc) if p.isdigit()]
+        except FileNotFoundError:
+            return []
+        for pid in pids:
+            fd_dir = self.proc / pid / "fd"
+            try:
+                targets = {os.readlink(fd_dir / fd) for fd in os.listdir(fd_dir)}
+            except OSError:
+                continue  # gone, or not ours to read
+            if targets & nodes:
+                try:
+                    comm = (self.proc / pid / "comm").read_text().strip()
+                except OSError:
+                    comm = "?"
+                holders.append(f"{pid} ({comm})")
+        return holders
 
     def module_pci_drivers(self, module: str) -> list[str]:
         """PCI driver names a loaded module registered (`/sys/module/<mod>/drivers/pci:<name>`).

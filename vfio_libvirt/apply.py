@@ -1,0 +1,120 @@
+"""Carry out one device switch against sysfs: load, override, unbind, probe, verify.
+
+Retries follow tenacity's model: a per-device deadline, exponential backoff from 10 ms
+capped at 0.5 s, and only for conditions that can clear by themselves (EBUSY/EAGAIN
+from the kernel, a device still held open through VFIO, a driver link that has not
+appeared yet).  Anything else fails at once: retrying ENODEV only wastes the deadline.
+"""
+
+from __future__ import annotations
+
+import errno
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+
+from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
+
+from vfio_libvirt.errors import OperationError
+from vfio_libvirt.names import module_name
+from vfio_libvirt.pci import PciAddress
+from vfio_libvirt.sysfs import Sysfs
+
+_TRANSIENT_ERRNOS = {errno.EBUSY, errno.EAGAIN, errno.EINTR}
+
+
+class NotYet(Exception):
+    """A condition that may clear by itself: worth another try before the deadline."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, NotYet) or (
+        isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS
+    )
+
+
+def retrying(seconds: float, sleep: Callable[[float], None] = time.sleep) -> Retrying:
+    return Retrying(
+        stop=stop_after_delay(seconds),
+        wait=wait_exponential(multiplier=0.01, max=0.5),
+        retry=retry_if_exception(is_transient),
+        reraise=True,
+        sleep=sleep,
+    )
+
+
+def describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return f"{errno.errorcode.get(exc.errno, exc.errno)}: {exc.strerror}"
+    return str(exc)
+
+
+class Switcher:
+    """Moves devices between drivers; the only caller of Sysfs' writing half."""
+
+    def __init__(self, sysfs: Sysfs, modprobe: Sequence[str]) -> None:
+        self.sysfs = sysfs
+        self.modprobe = list(modprobe)
+
+    def driver_for_module(self, module: str) -> str:
+        """Load `module` if needed and return the PCI driver name it registers.
+
+        The names differ (`vfio_pci` registers `vfio-pci`); writing the module name to
+        driver_override leaves a device with no driver at all.
+        """
+        module = module_name(module)
+        drivers = self.sysfs.module_pci_drivers(module)
+        if not drivers:
+            try:
+                proc = subprocess.run(
+                    [*self.modprobe, module], stdin=subprocess.DEVNULL,
+                    capture_output=True, text=True, timeout=60, check=False,
+                )
+            except (OSError, subprocess.TimeoutExpired) as err:
+                raise OperationError(f"cannot load module {module}: {err}") from None
+            if proc.returncode != 0:
+                detail = (proc.stderr or proc.stdout).strip().splitlines()
+                raise OperationError(
+                    f"modprobe {module} failed" + (f": {detail[-1]}" if detail else "")
+                )
+            drivers = self.sysfs.module_pci_drivers(module)
+        if not drivers:
+            raise OperationError(f"module {module} registered no PCI driver")
+        if len(drivers) > 1:
+            raise OperationError(f"module {module} registers several PCI drivers: {drivers}")
+        return drivers[0]
+
+    def bind(self, address: PciAddress, driver: str, seconds: float) -> None:
+        """Make `driver` (and only it) drive the device, within `seconds`."""
+        for attempt in retrying(seconds):
+            with attempt:
+                self._move(address, override=driver, target=driver)
+
+    def restore(
+        self, address: PciAddress, driver: str | None, override: str | None, seconds: float
+    ) -> None:
+        """Give the device back to `driver` (None: leave it driverless, as it was)."""
+        for attempt in retrying(seconds):
+            with attempt:
+                self._move(address, override=override, target=driver)
+
+    def _move(self, address: PciAddress, *, override: str | None, target: str | None) -> None:
+        sysfs = self.sysfs
+        if sysfs.driver_override(address) != override:
+            sysfs.set_driver_override(address, override)
+        current = sysfs.driver(address)
+        if current == target:
+            return
+        if current is not None:
+            if holders := sysfs.vfio_holders(address):
+                raise NotYet(f"still held open by {', '.join(holders)}")
+            sysfs.unbind(address)
+            if sysfs.driver(address) is not None:
+                raise NotYet(f"{current} did not let go")
+        if target is None:
+            return
+        sysfs.probe(address)
+        now = sysfs.driver(address)
+        if now != target:
+            # drivers_probe reports success even when nothing bound
+            raise NotYet(f"{target} did not bind (driver now {now or 'none'})")

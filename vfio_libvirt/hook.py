@@ -1,0 +1,138 @@
+"""libvirt qemu hook: `<hook> <domain> <op> <subop> <extra…>`, domain XML on stdin.
+
+libvirtd runs this for every domain event and waits for it with no timeout, so the
+common case (an op we ignore, a VM with no PCI hostdev) returns before lxml or the
+rest of the package is imported.  The hook never calls back into libvirt (libvirt's
+docs: deadlock); it learns what it needs from stdin, sysfs and its own journal.
+Exit codes: 0 ok, 1 failed, 2 bad input — any non-zero from `prepare` makes libvirt
+abort the start, and the one line on stderr is what the user sees in virsh.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from typing import BinaryIO
+
+PREFIX = "vfio-libvirt"
+
+
+def main(argv: Sequence[str] | None = None, stdin: BinaryIO | None = None) -> int:
+    argv = list(sys.argv if argv is None else argv)
+    if len(argv) < 4:
+        print(f"{PREFIX}: usage: {argv[0] if argv else 'qemu'} DOMAIN OP SUBOP [EXTRA…]",
+              file=sys.stderr)
+        return 2
+    domain_name, op, subop = argv[1:4]
+    dry_run = os.environ.get("VFIO_LIBVIRT_DRY_RUN") == "1"
+    if (op, subop) == ("prepare", "begin"):
+        from vfio_libvirt.settings import MAX_XML_BYTES
+
+        data = (stdin or sys.stdin.buffer).read(MAX_XML_BYTES + 1)
+        if b"hostdev" not in data:
+            return 0  # no PCI device can be assigned without the word
+        return _guarded(domain_name, lambda: _prepare(domain_name, data, dry_run))
+    if (op, subop) == ("release", "end"):
+        state_dir = os.environ.get("VFIO_LIBVIRT_STATE_DIR") or "/run/vfio-libvirt"
+        if not os.path.exists(os.path.join(state_dir, "journal.json")):
+            return 0
+        return _guarded(domain_name, lambda: _release(domain_name, dry_run))
+    if (op, subop) == ("reconnect", "begin"):
+        return _guarded(domain_name, lambda: _reconnect(domain_name))
+    return 0
+
+
+def _guarded(domain_name: str, action) -> int:
+    """Run `action` with logging set up; turn every failure into one line and an exit code."""
+    import logging
+
+    from vfio_libvirt.errors import VfioLibvirtError
+
+    _setup_logging()
+    try:
+        return action()
+    except VfioLibvirtError as err:
+        logging.getLogger("vfio_libvirt").error("%s: %s", domain_name, err)
+        print(f"{PREFIX}: {domain_name}: {err}", file=sys.stderr)
+        return err.exit_code
+    except Exception as err:
+        logging.getLogger("vfio_libvirt").exception("%s: internal error", domain_name)
+        print(f"{PREFIX}: {domain_name}: internal error: {type(err).__name__}: {err}",
+              file=sys.stderr)
+        return 1
+
+
+def _prepare(domain_name: str, data: bytes, dry_run: bool) -> int:
+    from vfio_libvirt.domain import Domain
+    from vfio_libvirt.errors import InputError
+    from vfio_libvirt.lifecycle import Host, make_plan, prepare
+    from vfio_libvirt.settings import Settings
+
+    domain = Domain.from_xml(data)
+    if domain.name != domain_name:
+        raise InputError(f"XML on stdin is for domain {domain.name!r}, not {domain_name!r}")
+    if not domain.hostdevs:
+        return 0
+    host = Host(Settings.from_env())
+    if dry_run:
+        plan = make_plan(host, domain)
+        for step in plan.steps:
+            print(step.describe())
+        for problem in plan.problems:
+            print(f"refused: {problem}")
+        return 1 if plan.problems else 0
+    prepare(host, domain)
+    return 0
+
+
+def _release(domain_name: str, dry_run: bool) -> int:
+    from vfio_libvirt.lifecycle import Host, release
+    from vfio_libvirt.settings import Settings
+
+    host = Host(Settings.from_env())
+    if dry_run:
+        for entry in host.journal.read().for_domain(domain_name):
+            print(f"{entry.address}: would restore to {entry.original_driver or 'no driver'}")
+        return 0
+    failures = release(host, domain_name)
+    if failures:
+        print(f"{PREFIX}: {domain_name}: could not restore {'; '.join(failures)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _reconnect(domain_name: str) -> int:
+    import logging
+
+    from vfio_libvirt.lifecycle import Host, drift
+    from vfio_libvirt.settings import Settings
+
+    host = Host(Settings.from_env())
+    if not host.journal.path.exists():
+        return 0
+    for line in drift(host, domain_name):
+        logging.getLogger("vfio_libvirt").warning("%s: drift: %s", domain_name, line)
+    return 0
+
+
+def _setup_logging() -> None:
+    """Log to the system journal/syslog, tagged, with domain and BDF in every message."""
+    import logging
+    import logging.handlers
+
+    logger = logging.getLogger("vfio_libvirt")
+    if logger.handlers:
+        return
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    # stderr is for the one line libvirt shows the user; details go to syslog only
+    logger.addHandler(logging.NullHandler())
+    address = os.environ.get("VFIO_LIBVIRT_SYSLOG", "/dev/log")
+    if address and os.path.exists(address):
+        try:
+            handler = logging.handlers.SysLogHandler(address=address)
+        except OSError:
+            return
+        handler.setFormatter(logging.Formatter(f"{PREFIX}[%(process)d]: %(message)s"))
+        logger.addHandler(handler)

@@ -1,0 +1,256 @@
+"""Pure planning: device state + alias ranking + policy → what to do, and why.
+
+Nothing here touches the host, so every decision (which driver, whether libvirt will
+accept it, whether the IOMMU group is usable) is unit-testable from plain values, and
+`vfio-libvirt plan` shows exactly what `prepare` would do.  A plan with problems is
+refused as a whole before anything is written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from vfio_libvirt.aliases import AliasTable
+from vfio_libvirt.config import Config, VmPolicy
+from vfio_libvirt.domain import HostDev
+from vfio_libvirt.errors import InputError
+from vfio_libvirt.libvirt_version import VARIANT_MIN
+from vfio_libvirt.names import canonical_module
+from vfio_libvirt.pci import PciAddress
+
+Action = Literal["bind", "watch", "keep", "skip"]
+FALLBACK_MODULE = "vfio_pci"
+# Drivers that leave an IOMMU group usable by VFIO besides VFIO drivers themselves.
+_GROUP_SAFE_DRIVERS = {"pci-stub", "vfio-pci"}
+
+
+@dataclass(frozen=True)
+class DeviceState:
+    """What sysfs says about one device, read once before planning."""
+
+    address: PciAddress
+    driver: str | None
+    driver_override: str | None
+    modalias: str
+    iommu_group: str | None
+    has_vfio_dev: bool = False
+    is_bridge: bool = False
+
+    @property
+    def on_vfio_driver(self) -> bool:
+        return self.has_vfio_dev or self.driver == "vfio-pci"
+
+    @property
+    def leaves_group_usable(self) -> bool:
+        return self.is_bridge or self.driver is None or self.on_vfio_driver or (
+            self.driver in _GROUP_SAFE_DRIVERS
+        )
+
+
+@dataclass(frozen=True)
+class Step:
+    address: PciAddress
+    action: Action
+    reason: str
+    module: str | None = None
+    original_driver: str | None = None
+    original_override: str | None = None
+    companion: bool = False
+    managed: bool = False
+
+    def describe(self) -> str:
+        target = f" → {self.module}" if self.module else ""
+        who = " (companion)" if self.companion else ""
+        return f"{self.address}{who}: {self.action}{target}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    steps: tuple[Step, ...]
+    problems: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "steps": [
+                {
+                    "address": str(s.address), "action": s.action, "module": s.module,
+                    "reason": s.reason, "original_driver": s.original_driver,
+                    "companion": s.companion, "managed": s.managed,
+                }
+                for s in self.steps
+            ],
+            "problems": list(self.problems),
+        }
+
+
+@dataclass(frozen=True)
+class Context:
+    """Everything a plan depends on besides the devices themselves."""
+
+    aliases: AliasTable
+    config: Config
+    vm_policy: VmPolicy
+    libvirt_version: tuple[int, ...] | None
+    module_drivers: dict[str, list[str]]
+    """PCI driver names of modules already loaded (module → names), to spot no-op binds."""
+
+    @property
+    def libvirt_accepts_variants(self) -> bool:
+        return self.libvirt_version is not None and self.libvirt_version >= VARIANT_MIN
+
+    @property
+    def libvirt_label(self) -> str:
+        if self.libvirt_version is None:
+            return "libvirt of unknown version"
+        return "libvirt " + ".".join(map(str, self.libvirt_version))
+
+
+def plan_prepare(
+    hostdevs: list[HostDev] | tuple[HostDev, ...],
+    states: dict[PciAddress, DeviceState],
+    groups: dict[str, list[DeviceState]],
+    ctx: Context,
+) -> Plan:
+    """Decide, for each assigned device (and any companions), what `prepare` must do."""
+    steps: list[Step] = []
+    companion_steps: list[Step] = []
+    problems: list[str] = []
+    assigned = {h.address for h in hostdevs}
+    seen_companions: set[PciAddress] = set()
+    for hostdev in hostdevs:
+        state = states.get(hostdev.address)
+        if state is None:
+            problems.append(f"{hostdev.address}: no such PCI device on this host")
+            continue
+        if state.is_bridge:
+            problems.append(f"{hostdev.address}: is a PCI bridge and cannot be assigned")
+            continue
+        try:
+            step = _plan_device(hostdev, state, ctx)
+        except InputError as err:
+            problems.append(f"{hostdev.address}: {err}")
+            continue
+        steps.append(step)
+        if step.action != "bind":
+            continue
+        for member in groups.get(state.iommu_group or "", []):
+            if member.address in assigned or member.address in seen_companions:
+                continue
+            if member.leaves_group_usable:
+                continue
+            seen_companions.add(member.address)
+            problem = _companion_problem(member, state, ctx)
+            if problem:
+                problems.append(problem)
+                continue
+            try:
+                companion_steps.append(_plan_companion(member, ctx))
+            except InputError as err:
+                problems.append(f"{member.address}: {err}")
+    steps += companion_steps
+    return Plan(tuple(steps), tuple(problems))
+
+
+def _plan_device(hostdev: HostDev, state: DeviceState, ctx: Context) -> Step:
+    base = {
+        "address": hostdev.address,
+        "original_driver": state.driver,
+        "original_override": state.driver_override,
+        "managed": hostdev.managed,
+    }
+    if hostdev.managed:
+        if hostdev.address in ctx.config.never_touch:
+            raise InputError(
+                "is never_touch in the host config, but managed='yes' lets libvirt rebind it"
+            )
+        if state.on_vfio_driver:
+            return Step(action="skip", reason=f"already on VFIO driver {state.driver} before "
+                        "start; libvirt (managed='yes') decides what happens to it", **base)
+        who = "picks the best variant itself" if ctx.libvirt_accepts_variants else "binds vfio-pci"
+        return Step(
+            action="watch",
+            reason=f"managed='yes': {ctx.libvirt_label} {who}; the hook records "
+            f"{state.driver or 'no driver'} and checks the device gets it back at release",
+            **base,
+        )
+    if hostdev.address in ctx.config.never_touch:
+        return Step(action="skip", reason="never_touch in the host config", **base)
+    module, reason = choose_module(hostdev, state, ctx)
+    loaded_drivers = ctx.module_drivers.get(module, [])
+    if state.driver is not None and state.driver in loaded_drivers:
+        return Step(action="keep", module=module,
+                    reason=f"already on {state.driver} ({reason})", **base)
+    return Step(action="bind", module=module, reason=reason, **base)
+
+
+def choose_module(hostdev: HostDev, state: DeviceState, ctx: Context) -> tuple[str, str]:
+    """The VFIO module for a managed='no' device, and the reason it was chosen."""
+    explicit = [
+        (hostdev.driver_model, "<driver model='{}'/> in the domain XML"),
+        (ctx.vm_policy.drivers.get(hostdev.address), "the domain's vfio-libvirt metadata asks for {}"),
+        (ctx.config.driver_overrides.get(hostdev.address), "the host config asks for {}"),
+    ]
+    for requested, why in explicit:
+        if requested:
+            module = canonical_module(requested)
+            if module != FALLBACK_MODULE and _libvirt_too_old(ctx):
+                raise InputError(
+                    f"{why.format(requested)}, but {ctx.libvirt_label} accepts only vfio-pci for "
+                    "managed='no' (variant drivers need libvirt >= 10.0)"
+                )
+            return module, why.format(requested)
+    return _alias_choice(state, ctx)
+
+
+def _alias_choice(state: DeviceState, ctx: Context) -> tuple[str, str]:
+    resolution = ctx.aliases.resolve(state.modalias)
+    best = resolution.best
+    if best is None:
+        raise InputError(f"no VFIO driver alias matches {state.modalias} (is vfio-pci available?)")
+    why = f"{best.module}: alias {best.pattern}, {best.wildcards} wildcards"
+    others = [c for c in resolution.candidates[1:] if c.module != best.module]
+    if others:
+        why += f", beats {others[0].module} with {others[0].wildcards}"
+    elif best.module == FALLBACK_MODULE:
+        why += " (no variant driver matches)"
+    if best.module != FALLBACK_MODULE and not ctx.libvirt_accepts_variants:
+        if not any(c.module == FALLBACK_MODULE for c in resolution.candidates):
+            raise InputError(f"{why}; {ctx.libvirt_label} needs vfio-pci, which is not available")
+        return FALLBACK_MODULE, (
+            f"vfio_pci, because {ctx.libvirt_label} accepts only vfio-pci for managed='no' "
+            f"(variant drivers need libvirt >= 10.0); the best would be {why}"
+        )
+    return best.module, why
+
+
+def _libvirt_too_old(ctx: Context) -> bool:
+    return ctx.libvirt_version is not None and ctx.libvirt_version < VARIANT_MIN
+
+
+def _companion_problem(member: DeviceState, device: DeviceState, ctx: Context) -> str | None:
+    policy = ctx.vm_policy.companions or ctx.config.companions
+    holder = f"{member.address} ({member.driver or 'no driver'})"
+    if member.address in ctx.config.never_touch:
+        return (f"{holder} shares IOMMU group {device.iommu_group} with {device.address} "
+                "and is never_touch in the host config")
+    if policy == "bind":
+        return None
+    return (
+        f"{holder} shares IOMMU group {device.iommu_group} with {device.address} but the "
+        "domain does not assign it; assign it too, or allow companions "
+        "([policy] companions = \"bind\")"
+    )
+
+
+def _plan_companion(member: DeviceState, ctx: Context) -> Step:
+    module, reason = _alias_choice(member, ctx)
+    return Step(
+        address=member.address,
+        action="bind",
+        module=module,
+        reason=f"companion in IOMMU group {member.iommu_group}: {reason}",
+        original_driver=member.driver,
+        original_override=member.driver_override,
+        companion=True,
+    )
