@@ -7,7 +7,7 @@ it is the door for entity expansion and external entities), no network, no DTD.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from lxml import etree
@@ -47,7 +47,7 @@ class Domain:
     name: str
     uuid: str | None
     hostdevs: tuple[HostDev, ...]
-    policy: VmPolicy = VmPolicy()
+    policy: VmPolicy = field(default_factory=VmPolicy)
 
     @classmethod
     def from_xml(cls, data: bytes) -> Domain:

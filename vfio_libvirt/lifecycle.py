@@ -187,9 +187,9 @@ def _rollback(host: Host, domain: str, claimed: dict[str, Entry], switched: list
         if _restore_entry(host, entry):
             undone += 1
     with host.journal.transaction() as entries:
-        for key, entry in claimed.items():
+        for key in claimed:
             current = entries.get(key)
-            if current is not None and current.domain == domain and current.status != "restore-failed":
+            if current and current.domain == domain and current.status != "restore-failed":
                 del entries[key]
     return undone
 

@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-
 # Real domain XMLs are a few KiB; a generous cap still stops a memory-exhaustion attempt.
 MAX_XML_BYTES = 4 * 1024 * 1024
 

@@ -9,6 +9,7 @@ driver attached.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from pathlib import Path
@@ -91,11 +92,9 @@ class Sysfs:
         nodes = set()
         if group := self.iommu_group(address):
             nodes.add(f"/dev/vfio/{group}")
-        try:
-            nodes.update(f"/dev/vfio/devices/{e.name}" for e in os.scandir(
-                self.device_dir(address) / "vfio-dev"))
-        except (FileNotFoundError, NotADirectoryError):
-            pass
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            vfio_dev = self.device_dir(address) / "vfio-dev"
+            nodes.update(f"/dev/vfio/devices/{e.name}" for e in os.scandir(vfio_dev))
         return nodes
 
     def vfio_holders(self, address: PciAddress) -> list[str]:

@@ -126,10 +126,13 @@ class SimKernel:
         return None if text == "(null)" else text
 
     def loaded_modules(self) -> set[str]:
-        return {p.name for p in (self.sys / "module").glob("*")} if (self.sys / "module").exists() else set()
+        modules = self.sys / "module"
+        return {p.name for p in modules.iterdir()} if modules.exists() else set()
 
     # --- faults ----------------------------------------------------------------------
-    def hold_open(self, bdf: str, seconds: float | None, pid: int = 4242, comm: str = "qemu-system-x86") -> None:
+    def hold_open(
+        self, bdf: str, seconds: float | None, pid: int = 4242, comm: str = "qemu-system-x86"
+    ) -> None:
         """A process opens /dev/vfio/<group> (and lets go after `seconds`, if given)."""
         group = os.readlink(self.devices / bdf / "iommu_group").rsplit("/", 1)[-1]
         fd_dir = self.root / "proc" / str(pid) / "fd"

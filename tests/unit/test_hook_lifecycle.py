@@ -8,10 +8,17 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from support.simkernel import SimCrash
+
 from tests.unit.conftest import (
-    AUDIO_BDF, E1000, GPU_BDF, NIC, domain_xml, pci, run_hook, write_config,
+    AUDIO_BDF,
+    E1000,
+    GPU_BDF,
+    NIC,
+    domain_xml,
+    pci,
+    run_hook,
+    write_config,
 )
 from vfio_libvirt.cli import main as cli_main
 from vfio_libvirt.state import Journal
