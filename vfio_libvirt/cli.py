@@ -120,7 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # usage errors (2) and --help (0), already printed
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         return args.func(args, Settings.from_env())
     except VfioLibvirtError as err:

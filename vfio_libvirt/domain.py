@@ -14,9 +14,9 @@ from lxml import etree
 
 from vfio_libvirt.config import VmPolicy
 from vfio_libvirt.errors import InputError
+from vfio_libvirt.limits import MAX_XML_BYTES
 from vfio_libvirt.names import driver_name
 from vfio_libvirt.pci import PciAddress
-from vfio_libvirt.settings import MAX_XML_BYTES
 
 __all__ = ["MAX_XML_BYTES", "Domain", "HostDev", "parse_xml", "pci_hostdevs"]
 

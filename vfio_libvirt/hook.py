@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
-from typing import BinaryIO
+
+# `typing` alone costs more than the whole fast path; only type checkers need these.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import BinaryIO
 
 PREFIX = "vfio-libvirt"
 
@@ -27,7 +31,7 @@ def main(argv: Sequence[str] | None = None, stdin: BinaryIO | None = None) -> in
     domain_name, op, subop = argv[1:4]
     dry_run = os.environ.get("VFIO_LIBVIRT_DRY_RUN") == "1"
     if (op, subop) == ("prepare", "begin"):
-        from vfio_libvirt.settings import MAX_XML_BYTES
+        from vfio_libvirt.limits import MAX_XML_BYTES
 
         data = (stdin or sys.stdin.buffer).read(MAX_XML_BYTES + 1)
         if b"hostdev" not in data:

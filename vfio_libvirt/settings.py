@@ -13,9 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-# Real domain XMLs are a few KiB; a generous cap still stops a memory-exhaustion attempt.
-MAX_XML_BYTES = 4 * 1024 * 1024
+from vfio_libvirt.limits import MAX_XML_BYTES
 
+__all__ = ["MAX_XML_BYTES", "Settings"]
 
 @dataclass(frozen=True)
 class Settings:

@@ -1,0 +1,114 @@
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from lxml import etree
+
+from vfio_libvirt.config import Config, VmPolicy
+from vfio_libvirt.domain import Domain
+from vfio_libvirt.errors import InputError, OperationError
+from vfio_libvirt.pci import PciAddress
+from vfio_libvirt.state import Entry, Journal
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_missing_config_means_defaults(tmp_path):
+    assert Config.load(tmp_path / "none.toml") == Config()
+
+
+def test_example_config_is_the_defaults():
+    assert Config.load(REPO / "xml" / "config.toml.example") == Config()
+
+
+def test_full_config(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[timeouts]\nbind_seconds = 3\nrestore_seconds = 60.5\n'
+                    '[policy]\ncompanions = "bind"\n[libvirt]\nversion = "10.5"\n'
+                    '[devices."0000:01:00.0"]\ndriver = "vfio_pci"\n'
+                    '[devices."01:00.1"]\nnever_touch = true\n')
+    config = Config.load(path)
+    assert (config.bind_timeout, config.restore_timeout) == (3.0, 60.5)
+    assert config.companions == "bind" and config.libvirt_version == (10, 5)
+    assert config.driver_overrides == {PciAddress(0, 1, 0, 0): "vfio_pci"}
+    assert config.never_touch == {PciAddress(0, 1, 0, 1)}
+
+
+@pytest.mark.parametrize("text", [
+    "[timeouts\n", "[timeouts]\nbind_seconds = -1\n", "[timeouts]\nbind_seconds = true\n",
+    '[policy]\ncompanions = "yes"\n', '[libvirt]\nversion = "eleven"\n', "[other]\n",
+    '[devices."0000:01:00.9"]\ndriver = "vfio_pci"\n', '[devices."0000:01:00.0"]\ndriver = "../x"\n',
+    '[devices."0000:01:00.0"]\nmodel = "x"\n',
+])
+def test_bad_config_is_input_error(tmp_path, text):
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(InputError):
+        Config.load(path)
+
+
+def test_metadata_examples_validate_against_schema_and_parse():
+    schema = etree.RelaxNG(etree.parse(str(REPO / "xml" / "metadata.rng")))
+    examples = sorted((REPO / "xml" / "examples").glob("*.xml"))
+    assert examples
+    for example in examples:
+        root = etree.parse(str(example)).getroot()
+        policy = root.find("metadata/{urn:vfio-libvirt:metadata:1}policy")
+        assert schema.validate(policy), (example, schema.error_log)
+        Domain.from_xml(example.read_bytes())
+    nic = Domain.from_xml((REPO / "xml/examples/nic-variant.xml").read_bytes())
+    assert nic.policy == VmPolicy(drivers={PciAddress(0, 0, 0x11, 0): "vfio_pci"})
+
+
+@pytest.mark.parametrize("bad", ['<vfio:device address="0000:00:20.0"/>',
+                                 '<vfio:device address="0000:00:01.0" driver="a b"/>'])
+def test_schema_rejects_what_the_parser_rejects(bad):
+    schema = etree.RelaxNG(etree.parse(str(REPO / "xml" / "metadata.rng")))
+    xml = f'<vfio:policy xmlns:vfio="urn:vfio-libvirt:metadata:1">{bad}</vfio:policy>'
+    assert not schema.validate(etree.fromstring(xml))
+    with pytest.raises(InputError):
+        VmPolicy.from_domain(etree.fromstring(f"<domain><metadata>{xml}</metadata></domain>"))
+
+
+def entry(address="0000:00:10.0", domain="vm1") -> Entry:
+    return Entry(address=address, domain=domain, uuid=None, role="bind",
+                 original_driver="e1000e", original_override=None, status="claimed")
+
+
+def test_journal_round_trip_permissions_and_atomic_file(tmp_path):
+    journal = Journal(tmp_path / "state")
+    with journal.transaction() as entries:
+        entries["0000:00:10.0"] = entry()
+    assert stat.S_IMODE(os.stat(tmp_path / "state").st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(journal.path).st_mode) == 0o600
+    assert journal.read().for_domain("vm1")[0].original_driver == "e1000e"
+    assert journal.exists_for("vm1") and not journal.exists_for("vm2")
+    assert [p.name for p in (tmp_path / "state").iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_journal_not_saved_when_transaction_raises(tmp_path):
+    journal = Journal(tmp_path)
+    with pytest.raises(RuntimeError), journal.transaction() as entries:
+        entries["0000:00:10.0"] = entry()
+        raise RuntimeError
+    assert not journal.path.exists()
+
+
+def test_corrupt_journal_is_reported_and_kept(tmp_path):
+    journal = Journal(tmp_path)
+    journal.path.write_text("{not json")
+    with pytest.raises(OperationError, match="unreadable"):
+        journal.read()
+    with pytest.raises(OperationError), journal.transaction():
+        pass
+    assert journal.path.read_text() == "{not json"
+
+
+def test_journal_format_is_versioned_json(tmp_path):
+    journal = Journal(tmp_path)
+    with journal.transaction() as entries:
+        entries["0000:00:10.0"] = entry()
+    data = json.loads(journal.path.read_text())
+    assert data["version"] == 1 and data["devices"]["0000:00:10.0"]["domain"] == "vm1"

@@ -1,0 +1,118 @@
+"""plan.py is pure: decisions from plain values, no host needed."""
+
+import pytest
+
+from vfio_libvirt.aliases import AliasTable, parse_modules_alias
+from vfio_libvirt.config import Config, VmPolicy
+from vfio_libvirt.domain import HostDev
+from vfio_libvirt.pci import PciAddress
+from vfio_libvirt.plan import Context, DeviceState, plan_prepare
+
+VIRTIO = "pci:v00001AF4d00001041sv00001AF4sd00001100bc02sc00i00"
+ALIASES = AliasTable(parse_modules_alias(
+    "alias vfio_pci:v00001AF4d00001041sv*sd*bc*sc*i* virtio_vfio_pci\n"
+    "alias vfio_pci:v*d*sv*sd*bc*sc*i* vfio_pci\n"
+))
+A = PciAddress.parse("0000:00:10.0")
+B = PciAddress.parse("0000:00:10.1")
+
+
+def ctx(version=(11, 3, 0), config=None, policy=None, loaded=None, aliases=ALIASES) -> Context:
+    return Context(aliases=aliases, config=config or Config(), vm_policy=policy or VmPolicy(),
+                   libvirt_version=version, module_drivers=loaded or {})
+
+
+def state(address=A, driver="virtio-pci", group="5", **kw) -> DeviceState:
+    return DeviceState(address=address, driver=driver, driver_override=None, modalias=VIRTIO,
+                       iommu_group=group, **kw)
+
+
+def dev(address=A, managed=False, model=None) -> HostDev:
+    return HostDev(address=address, managed=managed, driver_model=model, origin="hostdev")
+
+
+def test_variant_wins_on_libvirt_10_with_a_reason():
+    plan = plan_prepare([dev()], {A: state()}, {"5": [state()]}, ctx())
+    (step,) = plan.steps
+    assert (step.action, step.module) == ("bind", "virtio_vfio_pci")
+    assert step.reason == ("virtio_vfio_pci: alias vfio_pci:v00001AF4d00001041sv*sd*bc*sc*i*, "
+                           "5 wildcards, beats vfio_pci with 7")
+    assert step.original_driver == "virtio-pci"
+
+
+@pytest.mark.parametrize(("version", "label"), [((9, 0, 0), "libvirt 9.0.0"),
+                                                 (None, "libvirt of unknown version")])
+def test_old_or_unknown_libvirt_gets_vfio_pci(version, label):
+    (step,) = plan_prepare([dev()], {A: state()}, {}, ctx(version=version)).steps
+    assert step.module == "vfio_pci"
+    assert f"because {label} accepts only vfio-pci" in step.reason
+
+
+def test_explicit_variant_on_old_libvirt_is_refused():
+    plan = plan_prepare([dev(model="virtio_vfio_pci")], {A: state()}, {}, ctx(version=(9, 0, 0)))
+    assert len(plan.problems) == 1
+    assert "libvirt 9.0.0 accepts only vfio-pci" in plan.problems[0]
+    assert "variant drivers need libvirt >= 10.0" in plan.problems[0]
+
+
+def test_precedence_xml_model_then_metadata_then_host_config():
+    config = Config(driver_overrides={A: "cfg_vfio"})
+    policy = VmPolicy(drivers={A: "meta_vfio"})
+    assert plan_prepare([dev(model="xml-vfio")], {A: state()}, {},
+                        ctx(config=config, policy=policy)).steps[0].module == "xml_vfio"
+    assert plan_prepare([dev()], {A: state()}, {},
+                        ctx(config=config, policy=policy)).steps[0].module == "meta_vfio"
+    assert plan_prepare([dev()], {A: state()}, {}, ctx(config=config)).steps[0].module == "cfg_vfio"
+
+
+def test_managed_yes_is_watched_not_bound():
+    (step,) = plan_prepare([dev(managed=True)], {A: state()}, {}, ctx()).steps
+    assert step.action == "watch" and step.module is None
+    assert "picks the best variant itself" in step.reason
+    (old,) = plan_prepare([dev(managed=True)], {A: state()}, {}, ctx(version=(9, 0, 0))).steps
+    assert "binds vfio-pci" in old.reason
+
+
+def test_managed_yes_never_touch_is_refused():
+    plan = plan_prepare([dev(managed=True)], {A: state()}, {},
+                        ctx(config=Config(never_touch=frozenset({A}))))
+    assert "never_touch" in plan.problems[0]
+
+
+def test_already_on_target_driver_is_kept():
+    s = state(driver="virtio-vfio-pci", has_vfio_dev=True)
+    (step,) = plan_prepare([dev()], {A: s}, {}, ctx(loaded={"virtio_vfio_pci": ["virtio-vfio-pci"]})).steps
+    assert step.action == "keep"
+
+
+def test_no_alias_at_all_is_a_problem():
+    plan = plan_prepare([dev()], {A: state()}, {}, ctx(aliases=AliasTable()))
+    assert "no VFIO driver alias matches" in plan.problems[0]
+
+
+def test_bridge_and_missing_devices_are_problems():
+    plan = plan_prepare([dev(), dev(B)], {A: state(is_bridge=True)}, {}, ctx())
+    assert plan.problems == (f"{A}: is a PCI bridge and cannot be assigned",
+                             f"{B}: no such PCI device on this host")
+
+
+@pytest.mark.parametrize(("driver", "vfio", "ok"), [
+    (None, False, True), ("pci-stub", False, True), ("vfio-pci", False, True),
+    ("mlx5-vfio-pci", True, True), ("snd_hda_intel", False, False),
+])
+def test_group_member_viability(driver, vfio, ok):
+    member = state(B, driver=driver, has_vfio_dev=vfio)
+    plan = plan_prepare([dev()], {A: state()}, {"5": [state(), member]}, ctx())
+    assert (plan.problems == ()) is ok
+    if not ok:
+        assert f"{B} ({driver}) shares IOMMU group 5 with {A}" in plan.problems[0]
+
+
+def test_companion_planned_when_policy_allows():
+    member = state(B, driver="snd_hda_intel")
+    plan = plan_prepare([dev()], {A: state()}, {"5": [state(), member]},
+                        ctx(policy=VmPolicy(companions="bind")))
+    assert plan.problems == ()
+    companion = plan.steps[-1]
+    assert companion.companion and companion.address == B and companion.action == "bind"
+    assert companion.reason.startswith("companion in IOMMU group 5")
