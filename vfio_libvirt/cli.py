@@ -113,9 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--xml", required=True, metavar="FILE", help="domain XML file, or - for stdin")
     p.add_argument("--json", action="store_true")
 
-    from vfio_libvirt import cli_host
+    from vfio_libvirt import cli_host, cli_libvirt
 
     cli_host.register(command)
+    cli_libvirt.register(command)
     return parser
 
 

@@ -60,6 +60,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
     host = Host(settings)
     entries = host.journal.read().entries
+    owners, libvirt_note = _libvirt_owners(args.connect)
     rows = []
     for address in host.sysfs.devices():
         key = str(address)
@@ -74,24 +75,46 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
             "driver_override": host.sysfs.driver_override(address),
             "original_driver": entry.original_driver if entry else None,
             "domain": entry.domain if entry else None,
+            "libvirt_domain": owners.get(key),
             "role": entry.role if entry else None,
             "status": entry.status if entry else "not in journal",
             "error": entry.error if entry else "",
         })
     drifted = drift(host)
     if args.json:
-        emit_json({"devices": rows, "drift": drifted})
+        emit_json({"devices": rows, "drift": drifted, "libvirt": libvirt_note})
         return 0
     if not rows:
         print("no device is in the journal or on a VFIO driver")
     for row in rows:
         owner = row["domain"] or "-"
+        running = f"  running in {row['libvirt_domain']}" if row["libvirt_domain"] else ""
         print(f"{row['address']}  {row['driver'] or '(none)':<18} {row['status']:<15} "
-              f"domain={owner}  original={row['original_driver'] or '-'}"
+              f"domain={owner}  original={row['original_driver'] or '-'}{running}"
               + (f"  error: {row['error']}" if row["error"] else ""))
     for line in drifted:
         print(f"drift: {line}")
+    print(f"libvirt: {libvirt_note}")
     return 0
+
+
+def _libvirt_owners(uri: str | None) -> tuple[dict[str, str], str]:
+    """BDF → running domain that has it, from libvirt (read-only); empty if unreachable."""
+    from vfio_libvirt.domain import Domain
+    from vfio_libvirt.errors import VfioLibvirtError
+    from vfio_libvirt.virt import running_domains
+
+    try:
+        domains = running_domains(uri)
+    except VfioLibvirtError as err:
+        return {}, f"not consulted ({err})"
+    owners = {}
+    for name, xml in domains.items():
+        try:
+            owners.update({str(h.address): name for h in Domain.from_xml(xml).hostdevs})
+        except VfioLibvirtError:
+            continue
+    return owners, f"{len(domains)} running domain(s) scanned"
 
 
 def cmd_bind(args: argparse.Namespace, settings: Settings) -> int:
@@ -169,6 +192,7 @@ def register(command) -> None:
     p.add_argument("--json", action="store_true")
 
     p = command("status", cmd_status, "devices in the journal or on a VFIO driver, and drift")
+    p.add_argument("--connect", metavar="URI", help="libvirt URI to find which domain runs each")
     p.add_argument("--json", action="store_true")
 
     p = command("bind", cmd_bind, "bind one device to its best VFIO driver by hand (journaled)")

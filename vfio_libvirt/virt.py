@@ -1,15 +1,19 @@
 """The little the CLI asks of libvirt itself, via libvirt-python, imported lazily.
 
 Never imported by the hook: libvirtd runs the hook while holding locks, and a hook
-that calls back into libvirt deadlocks.
+that calls back into libvirt deadlocks.  Connections are read-only unless a command
+changes libvirt state (attach, detach, adopt).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from vfio_libvirt.errors import InputError, OperationError
 
 
-def _libvirt():
+def libvirt_module():
     try:
         import libvirt
     except ImportError:
@@ -20,19 +24,45 @@ def _libvirt():
     return libvirt
 
 
-def domain_xml(name: str, uri: str | None) -> bytes:
-    """The domain's XML as libvirt would give it to the hook: live if running, else inactive."""
-    libvirt = _libvirt()
+@contextmanager
+def connect(uri: str | None, *, write: bool = False) -> Iterator[object]:
+    libvirt = libvirt_module()
     try:
-        conn = libvirt.openReadOnly(uri)
+        conn = libvirt.open(uri) if write else libvirt.openReadOnly(uri)
     except libvirt.libvirtError as err:
         raise OperationError(f"cannot connect to libvirt ({uri or 'default URI'}): {err}") from None
     try:
-        try:
-            dom = conn.lookupByName(name)
-        except libvirt.libvirtError:
-            raise InputError(f"no domain named {name!r} at {conn.getURI()}") from None
-        flags = 0 if dom.isActive() else libvirt.VIR_DOMAIN_XML_INACTIVE
-        return dom.XMLDesc(flags).encode()
+        yield conn
     finally:
         conn.close()
+
+
+def lookup(conn, name: str):
+    libvirt = libvirt_module()
+    try:
+        return conn.lookupByName(name)
+    except libvirt.libvirtError:
+        raise InputError(f"no domain named {name!r} at {conn.getURI()}") from None
+
+
+def xml_of(dom, *, inactive: bool = False) -> bytes:
+    """Live XML for a running domain (what the hook gets), else the persistent one."""
+    libvirt = libvirt_module()
+    flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive or not dom.isActive() else 0
+    return dom.XMLDesc(flags).encode()
+
+
+def domain_xml(name: str, uri: str | None) -> bytes:
+    with connect(uri) as conn:
+        return xml_of(lookup(conn, name))
+
+
+def running_domains(uri: str | None) -> dict[str, bytes]:
+    """Name → live XML of every running domain (for `status` and `doctor`)."""
+    with connect(uri) as conn:
+        return {dom.name(): xml_of(dom) for dom in conn.listAllDomains() if dom.isActive()}
+
+
+def all_domains(uri: str | None) -> dict[str, bytes]:
+    with connect(uri) as conn:
+        return {dom.name(): xml_of(dom) for dom in conn.listAllDomains()}

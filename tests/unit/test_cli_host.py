@@ -50,12 +50,23 @@ def test_bind_status_restore_by_hand(sim, capsys):
     assert status["drift"] == []
     assert status["devices"] == [{
         "address": E1000, "driver": "vfio-pci", "driver_override": "vfio-pci",
-        "original_driver": "e1000e", "domain": "manual", "role": "bind", "status": "bound",
-        "error": ""}]
+        "original_driver": "e1000e", "domain": "manual", "libvirt_domain": None, "role": "bind",
+        "status": "bound", "error": ""}]
     assert main(["restore", E1000]) == 0
     assert sim.driver_of(E1000) == "e1000e" and sim.override_of(E1000) is None
     assert main(["status", "--json"]) == 0
     assert json.loads(capsys.readouterr().out.split("\n", 1)[1])["devices"] == []
+
+
+def test_status_names_the_running_libvirt_domain(sim, mocker, capsys):
+    mocker.patch("vfio_libvirt.virt.running_domains",
+                 return_value={"vm9": domain_xml("vm9", pci(E1000))})
+    assert main(["bind", E1000, "--owner", "vm9"]) == 0
+    capsys.readouterr()
+    assert main(["status", "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["devices"][0]["libvirt_domain"] == "vm9"
+    assert status["libvirt"] == "1 running domain(s) scanned"
 
 
 def test_bind_with_explicit_driver_and_status_shows_drift(sim, capsys):

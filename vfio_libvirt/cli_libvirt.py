@@ -1,0 +1,291 @@
+"""CLI commands that need libvirt itself: doctor, adopt, attach, detach.
+
+The hook is not called for hotplug, so attach/detach do its job around libvirt's
+attachDeviceFlags/detachDeviceFlags, with the same journal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from lxml import etree
+
+from vfio_libvirt.errors import InputError, OperationError, VfioLibvirtError
+from vfio_libvirt.settings import Settings
+
+
+@dataclass
+class Finding:
+    level: str  # ok, warn, fail
+    what: str
+    fix: str = ""
+
+
+def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
+    from vfio_libvirt.cli import emit_json
+
+    findings = doctor(settings, args.connect, Path(args.hook))
+    if args.json:
+        emit_json([f.__dict__ for f in findings])
+    else:
+        for f in findings:
+            print(f"[{f.level:>4}] {f.what}" + (f"\n       fix: {f.fix}" if f.fix else ""))
+    return 1 if any(f.level == "fail" for f in findings) else 0
+
+
+def doctor(settings: Settings, uri: str | None, hook: Path) -> list[Finding]:
+    from vfio_libvirt.aliases import AliasTable
+    from vfio_libvirt.libvirt_version import VARIANT_MIN
+    from vfio_libvirt.lifecycle import Host
+
+    host = Host(settings)
+    out: list[Finding] = []
+    groups = host.sysfs.sys / "kernel" / "iommu_groups"
+    count = len(os.listdir(groups)) if groups.is_dir() else 0
+    out.append(Finding("ok", f"IOMMU enabled: {count} IOMMU groups") if count else Finding(
+        "fail", "no IOMMU groups: the IOMMU is off",
+        "enable VT-d/AMD-Vi in firmware and boot with intel_iommu=on (Intel) or amd_iommu=on"))
+    try:
+        table = AliasTable.load(settings.modules_dir)
+        variants = sorted({a.module for a in table.aliases} - {"vfio_pci"})
+        if any(a.module == "vfio_pci" for a in table.aliases):
+            out.append(Finding("ok", "vfio_pci available; variant drivers: "
+                               + (", ".join(variants) or "none")))
+        else:
+            out.append(Finding("fail", f"no vfio_pci alias in {settings.modules_dir}",
+                               "install a kernel with CONFIG_VFIO_PCI and run depmod"))
+    except VfioLibvirtError as err:
+        out.append(Finding("fail", str(err), "check VFIO_LIBVIRT_MODULES_DIR / the running kernel"))
+    version = host.libvirt_version
+    if version is None:
+        out.append(Finding("warn", "libvirt version unknown: managed='no' devices get vfio-pci",
+                           "set [libvirt] version in the config"))
+    else:
+        label = ".".join(map(str, version))
+        meaning = ("variant drivers usable for managed='no'" if version >= VARIANT_MIN
+                   else "libvirt < 10 accepts only vfio-pci for managed='no'; variant drivers unusable")
+        out.append(Finding("ok" if version >= VARIANT_MIN else "warn", f"libvirt {label}: {meaning}"))
+    out += _hook_findings(hook)
+    state = settings.state_dir
+    if state.exists() and (state.stat().st_mode & 0o077):
+        out.append(Finding("warn", f"state dir {state} is readable by others", f"chmod 700 {state}"))
+    try:
+        entries = host.journal.read().entries if state.exists() else {}
+        failed = [e.address for e in entries.values() if e.status == "restore-failed"]
+        out.append(Finding("warn" if failed else "ok",
+                           f"journal: {len(entries)} device(s)"
+                           + (f", restore failed for {', '.join(failed)}" if failed else ""),
+                           "vfio-libvirt restore --all" if failed else ""))
+    except VfioLibvirtError as err:
+        out.append(Finding("fail", str(err), "inspect and remove the journal by hand"))
+    out += _domain_findings(host, uri)
+    return out
+
+
+def _hook_findings(hook: Path) -> list[Finding]:
+    if not hook.exists():
+        return [Finding("fail", f"hook {hook} not installed", "sudo ./install.sh")]
+    if not os.access(hook, os.X_OK):
+        return [Finding("fail", f"hook {hook} is not executable", f"chmod 755 {hook}")]
+    found = [Finding("ok", f"hook installed: {hook}")]
+    started = _daemon_start_times()
+    mtime = hook.stat().st_mtime
+    for daemon, start in started.items():
+        if start < mtime:
+            found.append(Finding("warn", f"{daemon} started before the hook was installed",
+                                 f"systemctl reload {daemon}"))
+        else:
+            found.append(Finding("ok", f"{daemon} started after the hook: it runs it"))
+    if not started:
+        found.append(Finding("warn", "no libvirtd/virtqemud running",
+                             "start libvirtd or virtqemud"))
+    return found
+
+
+def _daemon_start_times() -> dict[str, float]:
+    """Running libvirt daemons and when they started (epoch seconds)."""
+    boot = _boot_time()
+    ticks = os.sysconf("SC_CLK_TCK")
+    found = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            name = Path(f"/proc/{pid}/comm").read_text().strip()
+            if name not in ("libvirtd", "virtqemud"):
+                continue
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            found[name] = boot + int(fields[19]) / ticks
+        except OSError:
+            continue
+    return found
+
+
+def _boot_time() -> float:
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("btime "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def _domain_findings(host, uri: str | None) -> list[Finding]:
+    from vfio_libvirt.domain import Domain
+    from vfio_libvirt.lifecycle import make_plan
+    from vfio_libvirt.virt import all_domains
+
+    try:
+        domains = all_domains(uri)
+    except VfioLibvirtError as err:
+        return [Finding("warn", f"cannot list domains: {err}")]
+    found = []
+    for name, xml in sorted(domains.items()):
+        try:
+            domain = Domain.from_xml(xml)
+            if not domain.hostdevs:
+                continue
+            plan = make_plan(host, domain)
+        except VfioLibvirtError as err:
+            found.append(Finding("fail", f"domain {name}: {err}"))
+            continue
+        for problem in plan.problems:
+            found.append(Finding("fail", f"domain {name}: {problem}",
+                                 "assign the whole IOMMU group, or [policy] companions = \"bind\""
+                                 if "IOMMU group" in problem else ""))
+        if not plan.problems:
+            summary = ", ".join(f"{s.address} {s.action}" + (f" {s.module}" if s.module else "")
+                                for s in plan.steps)
+            found.append(Finding("ok", f"domain {name}: {summary}"))
+    return found
+
+
+# --- adopt ---------------------------------------------------------------------------
+def cmd_adopt(args: argparse.Namespace, settings: Settings) -> int:
+    from vfio_libvirt.domain import Domain, parse_xml
+    from vfio_libvirt.libvirt_version import VARIANT_MIN
+    from vfio_libvirt.lifecycle import Host, make_plan
+    from vfio_libvirt.virt import connect, lookup, xml_of
+
+    with connect(args.connect, write=not args.dry_run) as conn:
+        dom = lookup(conn, args.domain)
+        original = xml_of(dom, inactive=True)
+        root = parse_xml(original)
+        managed = [h for h in Domain.from_xml(original).hostdevs if h.managed]
+        if not managed:
+            print(f"domain {args.domain}: no managed='yes' PCI device; nothing to adopt")
+            return 0
+        host = Host(settings)
+        as_unmanaged = Domain(args.domain, None, tuple(
+            type(h)(h.address, False, h.driver_model, h.origin) for h in managed))
+        plan = make_plan(host, as_unmanaged)
+        if plan.problems:
+            raise OperationError("cannot adopt: " + "; ".join(plan.problems))
+        for step in plan.steps:
+            print(f"{step.address}: the hook would {step.action} {step.module or ''}: {step.reason}")
+        if not (host.libvirt_version and host.libvirt_version >= VARIANT_MIN):
+            print("note: a variant driver is not possible for managed='no' on this libvirt (< 10): "
+                  "adopting adds bounded restore retries and IOMMU group handling, not a better driver")
+        addresses = {str(s.address) for s in plan.steps}
+        for element in root.xpath("devices/hostdev[@managed='yes'] | devices/interface[@managed='yes']"):
+            address = element.find("source/address")
+            if address is not None and _bdf(address) in addresses:
+                element.set("managed", "no")
+        updated = etree.tostring(root, encoding="unicode")
+        diff = difflib.unified_diff(original.decode().splitlines(), updated.splitlines(),
+                                    "persistent", "adopted", lineterm="")
+        print("\n".join(diff))
+        if args.dry_run:
+            print("dry run: definition unchanged")
+            return 0
+        conn.defineXML(updated)
+        print(f"domain {args.domain}: redefined with managed='no' for {len(addresses)} device(s); "
+              "takes effect at its next start")
+    return 0
+
+
+def _bdf(address) -> str:
+    from vfio_libvirt.pci import PciAddress
+
+    return str(PciAddress.from_xml(domain=address.get("domain"), bus=address.get("bus"),
+                                   slot=address.get("slot"), function=address.get("function")))
+
+
+# --- hotplug -------------------------------------------------------------------------
+def hostdev_xml(bdf) -> str:
+    return (
+        "<hostdev mode='subsystem' type='pci' managed='no'><source>"
+        f"<address domain='0x{bdf.domain:04x}' bus='0x{bdf.bus:02x}' slot='0x{bdf.slot:02x}' "
+        f"function='0x{bdf.function:x}'/></source></hostdev>"
+    )
+
+
+def cmd_attach(args: argparse.Namespace, settings: Settings) -> int:
+    from vfio_libvirt.domain import Domain, HostDev
+    from vfio_libvirt.lifecycle import Host, prepare, restore_device
+    from vfio_libvirt.pci import PciAddress
+    from vfio_libvirt.virt import connect, libvirt_module, lookup
+
+    libvirt = libvirt_module()
+    address = PciAddress.parse(args.bdf)
+    host = Host(settings)
+    with connect(args.connect, write=True) as conn:
+        dom = lookup(conn, args.domain)
+        if not dom.isActive():
+            raise InputError(f"domain {args.domain} is not running")
+        plan = prepare(host, Domain(args.domain, dom.UUIDString(), (
+            HostDev(address, managed=False, driver_model=args.driver, origin="hostdev"),)))
+        for step in plan.steps:
+            print(step.describe())
+        flags = libvirt.VIR_DOMAIN_AFFECT_LIVE
+        if args.persistent:
+            flags |= libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        try:
+            dom.attachDeviceFlags(hostdev_xml(address), flags)
+        except libvirt.libvirtError as err:
+            restore_device(host, str(address))
+            raise OperationError(f"libvirt refused to attach {address}: {err}; device restored") from None
+    print(f"{address} attached to {args.domain}")
+    return 0
+
+
+def cmd_detach(args: argparse.Namespace, settings: Settings) -> int:
+    from vfio_libvirt.lifecycle import Host, restore_device
+    from vfio_libvirt.pci import PciAddress
+    from vfio_libvirt.virt import connect, libvirt_module, lookup
+
+    libvirt = libvirt_module()
+    address = PciAddress.parse(args.bdf)
+    with connect(args.connect, write=True) as conn:
+        dom = lookup(conn, args.domain)
+        flags = libvirt.VIR_DOMAIN_AFFECT_LIVE
+        if args.persistent:
+            flags |= libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        try:
+            dom.detachDeviceFlags(hostdev_xml(address), flags)
+        except libvirt.libvirtError as err:
+            raise OperationError(f"libvirt refused to detach {address}: {err}") from None
+    print(restore_device(Host(settings), str(address)))
+    return 0
+
+
+def register(command) -> None:
+    p = command("doctor", cmd_doctor, "check IOMMU, VFIO modules, libvirt, the hook and every domain")
+    p.add_argument("--connect", metavar="URI")
+    p.add_argument("--hook", default="/etc/libvirt/hooks/qemu.d/vfio-libvirt")
+    p.add_argument("--json", action="store_true")
+
+    p = command("adopt", cmd_adopt, "switch a domain's managed='yes' PCI devices to the hook")
+    p.add_argument("domain")
+    p.add_argument("--connect", metavar="URI")
+    p.add_argument("--dry-run", action="store_true", help="show the diff; change nothing")
+
+    for name, func, text in (("attach", cmd_attach, "bind the best VFIO driver, then hotplug"),
+                             ("detach", cmd_detach, "hot-unplug, then restore the host driver")):
+        p = command(name, func, text)
+        p.add_argument("domain")
+        p.add_argument("bdf")
+        p.add_argument("--persistent", action="store_true", help="also change the persistent config")
+        p.add_argument("--connect", metavar="URI")
+        if name == "attach":
+            p.add_argument("--driver", help="VFIO module to use instead of the alias rule")
