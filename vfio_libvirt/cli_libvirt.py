@@ -220,6 +220,12 @@ def hostdev_xml(bdf) -> str:
     )
 
 
+def _affect_flags(libvirt, persistent: bool) -> int:
+    """The running domain always; its persistent definition too with --persistent."""
+    live = libvirt.VIR_DOMAIN_AFFECT_LIVE
+    return live | libvirt.VIR_DOMAIN_AFFECT_CONFIG if persistent else live
+
+
 def cmd_attach(args: argparse.Namespace, settings: Settings) -> int:
     from vfio_libvirt.domain import Domain, HostDev
     from vfio_libvirt.lifecycle import Host, prepare, restore_device
@@ -237,9 +243,7 @@ def cmd_attach(args: argparse.Namespace, settings: Settings) -> int:
             HostDev(address, managed=False, driver_model=args.driver, origin="hostdev"),)))
         for step in plan.steps:
             print(step.describe())
-        flags = libvirt.VIR_DOMAIN_AFFECT_LIVE
-        if args.persistent:
-            flags |= libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        flags = _affect_flags(libvirt, args.persistent)
         try:
             dom.attachDeviceFlags(hostdev_xml(address), flags)
         except libvirt.libvirtError as err:
@@ -258,9 +262,7 @@ def cmd_detach(args: argparse.Namespace, settings: Settings) -> int:
     address = PciAddress.parse(args.bdf)
     with connect(args.connect, write=True) as conn:
         dom = lookup(conn, args.domain)
-        flags = libvirt.VIR_DOMAIN_AFFECT_LIVE
-        if args.persistent:
-            flags |= libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        flags = _affect_flags(libvirt, args.persistent)
         try:
             dom.detachDeviceFlags(hostdev_xml(address), flags)
         except libvirt.libvirtError as err:
