@@ -1,0 +1,1 @@
+"""Tests that run inside the kernel tier's QEMU guest, against its real /sys."""

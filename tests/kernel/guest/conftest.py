@@ -1,0 +1,97 @@
+"""Fixtures for the tests that run INSIDE the kernel tier's guest (real /sys).
+
+These tests write to /sys.  They run only when in_guest() is true, i.e. when
+/proc/cmdline carries the marker that tests/vm/guest.py gives the guest
+kernel; anywhere else every test here is skipped before it starts (and on
+the host, tests/kernel/conftest.py does not even collect this directory).
+
+The inner session is started by tests/kernel/test_kernel_tier.py as
+  /usr/bin/python3 -m pytest tests/kernel/guest ...   (cwd = repo root)
+with the repo's pytest config, so tests/conftest.py's sandbox applies: mark
+every test here `real_sysfs` (pytestmark) or it sees an empty fake /sys.
+
+To add a test that drives the product against the real kernel, add a
+test_guest_*.py here and use: `pci` (the test devices with sysfs helpers,
+see guest_sysfs.py), `product` (runs `python3 -m vfio_libvirt` from the
+repo), `harness` (tests/vm/guest.py: BDFs, module and driver names).
+Every test starts and ends with the test devices on their boot drivers.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.kernel.guest.guest_sysfs import Pci
+from tests.vm import guest as H
+
+IN_GUEST = H.in_guest()
+
+
+def pytest_collection_modifyitems(config, items):
+    if IN_GUEST:
+        return
+    skip = pytest.mark.skip(reason="needs the kernel tier's QEMU guest "
+                            f"({H.GUEST_MARKER} not on /proc/cmdline)")
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(str(item.fspath)).parents:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def harness():
+    """tests/vm/guest.py: device specs, module and driver names."""
+    return H
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    return Path(os.environ.get("VFIO_LIBVIRT_TEST_REPO") or Path(__file__).resolve().parents[3])
+
+
+@pytest.fixture(scope="session")
+def modules_dir() -> Path:
+    return Path("/lib/modules") / os.uname().release
+
+
+@pytest.fixture
+def pci():
+    """The test devices; each test starts and ends on the boot drivers."""
+    H.require_guest()
+    devices = Pci(H.DEFAULT_TEST_DEVICES)
+    for dev in devices:
+        assert dev.restore() == dev.spec.host_driver, f"{dev} not on its boot driver before the test"
+    yield devices
+    bad = [f"{dev}: {dev.driver}" for dev in devices if dev.restore() != dev.spec.host_driver]
+    assert not bad, f"could not restore the boot drivers after the test: {bad}"
+
+
+@pytest.fixture
+def product(repo, tmp_path):
+    """run(*args, env=..., input=...) -> CompletedProcess of `python3 -m vfio_libvirt`.
+
+    Runs the product from the repo (PYTHONPATH) against the guest's real /sys
+    and /lib/modules/$(uname -r) (the defaults), with a fresh state dir per
+    test.  Needs the test to be marked real_sysfs (else tests/conftest.py
+    points VFIO_LIBVIRT_* at an empty sandbox).
+    """
+    state = tmp_path / "state"
+
+    def run(*args: str, env: dict | None = None, input: str | None = None,
+            timeout: float = 120) -> subprocess.CompletedProcess:
+        H.require_guest()
+        full_env = {
+            **os.environ,
+            "PYTHONPATH": str(repo),
+            "VFIO_LIBVIRT_STATE_DIR": str(state),
+            **(env or {}),
+        }
+        return subprocess.run([H.GUEST_PYTHON, "-m", "vfio_libvirt", *args],
+                              cwd=repo, env=full_env, input=input, capture_output=True,
+                              text=True, timeout=timeout, check=False)
+
+    return run

@@ -1,0 +1,1 @@
+"""Real-kernel test infrastructure (see provision.sh, guest.py)."""

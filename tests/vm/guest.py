@@ -1,0 +1,452 @@
+"""Boot a throwaway QEMU guest with a real kernel and run a command in it.
+
+Stdlib only; used from host-side pytest (tests/kernel) and, via in_guest(),
+from the tests running inside the guest.
+
+The guest is started with virtme-ng (vng) from the venv that
+tests/vm/provision.sh made: Debian's 6.12 kernel, TCG (never KVM unless
+VFIO_LIBVIRT_TEST_KVM=1), a q35 machine with an emulated Intel IOMMU, the
+host's root filesystem shared read-only over 9p (/etc, /var, /tmp, ... are
+throwaway overlays/tmpfs inside), and the test devices below.  Nothing here
+writes to the host's /sys: everything that touches sysfs runs in the guest.
+
+Guest-side facts the tests rely on:
+  * /proc/cmdline carries GUEST_MARKER; in_guest() checks it (an environment
+    variable alone is never trusted).
+  * /lib/modules/<kver> is a symlink to the provisioned modules dir (which
+    is also exported with --rodir, because /var/cache is a tmpfs in the
+    guest), so plain `modprobe vfio_pci` / `modprobe vlt_virtio_vfio_pci`
+    work and /lib/modules/$(uname -r)/modules.alias has the test aliases.
+  * The command runs as root with cwd = the repo root (visible read-only),
+    PATH without the host's pyenv shims (use /usr/bin/python3), and
+    PYTHONPATH, VFIO_LIBVIRT_TEST_REPO and VFIO_LIBVIRT_TEST_OUT set
+    (OUT is a host-visible writable dir: write results there).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+GUEST_MARKER = "vfio_libvirt_test_guest=1"
+GUEST_PYTHON = "/usr/bin/python3"
+DEFAULT_CACHE = "/var/cache/vfio-libvirt-tests"
+DEFAULT_TIMEOUT = 300.0
+# vng pastes paths into a shell command line unquoted: refuse anything odd.
+_SAFE_PATH = re.compile(r"^/[A-Za-z0-9_.+,:@/-]*$")
+# Every --rodir/--rwdir is one more virtio-9p PCI device that QEMU places at
+# the first free slot; keep them well below slot 0x10 where ours live.
+_MAX_EXPORTS = 6
+
+
+@dataclasses.dataclass(frozen=True)
+class TestDevice:
+    """A PCI device the guest gets, at a fixed address."""
+
+    name: str
+    bdf: str              # address inside the guest
+    vendor: str           # as in sysfs "vendor", e.g. "0x1af4"
+    device: str
+    modalias_prefix: str  # start of sysfs "modalias"
+    host_driver: str      # the driver that owns it after boot
+    iommu_group_own: bool  # alone in its IOMMU group
+    qemu_opts: tuple[str, ...]
+
+
+VIRTIO_NET = TestDevice(
+    name="virtio-net",
+    bdf="0000:00:10.0",
+    vendor="0x1af4",
+    device="0x1041",
+    modalias_prefix="pci:v00001AF4d00001041sv00001AF4sd00001100bc02sc00i00",
+    host_driver="virtio-pci",
+    iommu_group_own=True,
+    qemu_opts=("-netdev", "user,id=vltnet0",
+               "-device", "virtio-net-pci,disable-legacy=on,netdev=vltnet0,addr=0x10"),
+)
+E1000E = TestDevice(
+    name="e1000e",
+    bdf="0000:00:11.0",
+    vendor="0x8086",
+    device="0x10d3",
+    modalias_prefix="pci:v00008086d000010D3sv00008086sd00000000bc02sc00i00",
+    host_driver="e1000e",
+    iommu_group_own=True,
+    qemu_opts=("-netdev", "user,id=vltnet1",
+               "-device", "e1000e,netdev=vltnet1,addr=0x11"),
+)
+DEFAULT_TEST_DEVICES: tuple[TestDevice, ...] = (VIRTIO_NET, E1000E)
+
+# The test variant drivers built by provision.sh (tests/vm/module).  Module
+# and PCI driver names differ on purpose.
+VARIANT_EXACT_MODULE = "vlt_virtio_vfio_pci"      # 1af4:1041, 5 "*" in its alias
+VARIANT_EXACT_DRIVER = "vlt-virtio-vfio"
+VARIANT_VENDOR_MODULE = "vlt_vendor_vfio_pci"     # 1af4:*, 6 "*" in its alias
+VARIANT_VENDOR_DRIVER = "vlt-vendor-vfio"
+
+IOMMU_QEMU_OPTS = ("-device", "intel-iommu,intremap=on,caching-mode=on")
+IOMMU_KERNEL_ARGS = ("intel_iommu=on", "iommu=pt")
+
+
+class GuestUnavailable(RuntimeError):
+    """The kernel tier is not provisioned on this machine."""
+
+
+class GuestError(RuntimeError):
+    """The guest did not boot, or the command failed (see .result)."""
+
+    def __init__(self, message: str, result: GuestResult):
+        super().__init__(f"{message}\n{result.describe()}")
+        self.result = result
+
+
+# --------------------------------------------------------------- inside
+
+
+def in_guest() -> bool:
+    """True only inside a guest booted by run_in_guest (kernel cmdline marker)."""
+    try:
+        cmdline = Path("/proc/cmdline").read_text()
+    except OSError:
+        return False
+    return GUEST_MARKER in cmdline.split()
+
+
+def require_guest() -> None:
+    """Raise unless in_guest(): call before anything that writes to sysfs."""
+    if not in_guest():
+        raise RuntimeError(
+            f"refusing to touch sysfs: {GUEST_MARKER!r} is not on /proc/cmdline "
+            "(this is not the vfio-libvirt test guest)")
+
+
+# --------------------------------------------------------------- host side
+
+
+@dataclasses.dataclass(frozen=True)
+class GuestInfo:
+    """What provision.sh left in CACHE_DIR/env."""
+
+    cache: Path
+    kver: str
+    vmlinuz: Path
+    kernel_root: Path
+    modules_dir: Path
+    vng: Path
+    venv_bin: Path
+    qemu: str
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("VFIO_LIBVIRT_TEST_CACHE") or DEFAULT_CACHE)
+
+
+def _read_env(path: Path) -> dict[str, str]:
+    values: dict[str, str] = {}
+    for raw_line in path.read_text().splitlines():
+        line = raw_line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, raw = line.partition("=")
+        parts = shlex.split(raw)
+        values[key.strip()] = parts[0] if parts else ""
+    return values
+
+
+def check_provisioned(cache: os.PathLike | str | None = None) -> tuple[GuestInfo | None, str]:
+    """(info, "") when the kernel tier can run here, else (None, reason)."""
+    cache = Path(cache) if cache is not None else cache_dir()
+    env_file = cache / "env"
+    if not env_file.is_file():
+        return None, f"kernel tier not provisioned: no {env_file} (run tests/vm/provision.sh)"
+    try:
+        env = _read_env(env_file)
+        info = GuestInfo(
+            cache=Path(env["VLT_CACHE"]),
+            kver=env["VLT_KVER"],
+            vmlinuz=Path(env["VLT_VMLINUZ"]),
+            kernel_root=Path(env["VLT_KERNEL_ROOT"]),
+            modules_dir=Path(env["VLT_MODULES_DIR"]),
+            vng=Path(env["VLT_VNG"]),
+            venv_bin=Path(env["VLT_VENV_BIN"]),
+            qemu=shutil.which("qemu-system-x86_64") or "",
+        )
+    except (OSError, KeyError, ValueError) as exc:
+        return None, f"kernel tier: unreadable {env_file}: {exc!r} (re-run tests/vm/provision.sh)"
+    for what, path in (("kernel image", info.vmlinuz),
+                       ("modules.alias", info.modules_dir / "modules.alias"),
+                       ("vng", info.vng)):
+        if not path.exists():
+            return None, f"kernel tier: {what} missing at {path} (re-run tests/vm/provision.sh)"
+    if not info.qemu:
+        return None, "kernel tier: qemu-system-x86_64 not installed"
+    if os.geteuid() != 0:
+        # vng runs the guest command as the calling user; sysfs writes need root
+        return None, "kernel tier: must run as root (the guest command runs as the calling user)"
+    for tool in ("busybox", "udevadm", "file"):
+        if not (shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/sbin:/bin:/usr/bin")):
+            return None, f"kernel tier: {tool} not installed (run tests/vm/provision.sh)"
+    for path in (info.cache, info.vmlinuz, REPO_ROOT):
+        if not _SAFE_PATH.match(str(path)):
+            return None, f"kernel tier: path {path} has characters vng cannot pass through"
+    return info, ""
+
+
+def provisioned(cache: os.PathLike | str | None = None) -> GuestInfo | None:
+    """GuestInfo when the kernel tier can run here, else None (see check_provisioned)."""
+    return check_provisioned(cache)[0]
+
+
+@dataclasses.dataclass
+class GuestResult:
+    rc: int | None          # the command's exit status; None if it never finished
+    stdout: str             # the command's stdout
+    stderr: str             # the command's stderr
+    console: str            # vng/qemu messages and the guest kernel console
+    started: bool           # the guest booted far enough to start the command
+    finished: bool          # the command ran to completion
+    timed_out: bool
+    attempts: int
+    seconds: float
+    argv: list[str]
+    out_dir: Path | None = None   # VFIO_LIBVIRT_TEST_OUT, if kept
+
+    @property
+    def boot_failed(self) -> bool:
+        return not self.started
+
+    @property
+    def ok(self) -> bool:
+        return self.finished and self.rc == 0
+
+    def describe(self, tail: int = 60) -> str:
+        state = ("timed out" if self.timed_out else
+                 "boot failed" if not self.started else
+                 "command died" if not self.finished else f"rc={self.rc}")
+        lines = [f"guest: {state} after {self.seconds:.1f}s, {self.attempts} attempt(s)"]
+        for name, text in (("stdout", self.stdout), ("stderr", self.stderr),
+                           ("console", self.console)):
+            if tail > 0 and text.strip():
+                body = "\n".join(text.rstrip().splitlines()[-tail:])
+                lines.append(f"--- guest {name} (last {tail} lines) ---\n{body}")
+        return "\n".join(lines)
+
+    def check(self) -> GuestResult:
+        if not self.ok:
+            raise GuestError("guest command did not succeed", self)
+        return self
+
+
+def _safe(path: Path | str) -> str:
+    text = str(path)
+    if not _SAFE_PATH.match(text):
+        raise ValueError(f"path {text!r} cannot be passed through vng's shell command line")
+    return text
+
+
+def _guest_script(nonce: str, work: Path, cwd: Path, env: Mapping[str, str]) -> str:
+    exports = {
+        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "HOME": "/tmp",
+        "LANG": "C.UTF-8",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONPATH": str(REPO_ROOT),
+        "VFIO_LIBVIRT_TEST_REPO": str(REPO_ROOT),
+        "VFIO_LIBVIRT_TEST_OUT": str(work / "out"),
+        **env,
+    }
+    for key in exports:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise ValueError(f"bad environment variable name {key!r}")
+    lines = [
+        "#!/bin/sh",
+        "# generated by tests/vm/guest.py",
+        f"echo VLT-GUEST-START-{nonce}",
+        f"grep -qw {GUEST_MARKER} /proc/cmdline || {{ echo 'not the test guest' >&2; exit 125; }}",
+        *(f"export {k}={shlex.quote(v)}" for k, v in exports.items()),
+        f"cd {shlex.quote(str(cwd))} || exit 125",
+        f"sh {shlex.quote(str(work / 'cmd.sh'))} </dev/null 2>{shlex.quote(str(work / 'stderr'))}",
+        "rc=$?",
+        f"echo $rc >{shlex.quote(str(work / 'rc'))}",
+        f"echo VLT-GUEST-END-{nonce} rc=$rc",
+        "exit $rc",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def vng_argv(info: GuestInfo, script: Path, *, devices: Sequence[TestDevice],
+             rwdirs: Sequence[str], rodirs: Sequence[str], memory: str, cpus: int,
+             append: Sequence[str], qemu_opts: Sequence[str]) -> list[str]:
+    kargs = [*IOMMU_KERNEL_ARGS, GUEST_MARKER, *append]
+    qemu = [*IOMMU_QEMU_OPTS, *(o for d in devices for o in d.qemu_opts), *qemu_opts]
+    for word in (*kargs, *qemu):
+        if not re.fullmatch(r"[A-Za-z0-9_.,:=/+@-]+", word):
+            raise ValueError(f"{word!r} cannot be passed through vng's shell command line")
+    argv = [str(info.vng), "--run", _safe(info.vmlinuz),
+            "--disable-microvm", "--force-9p", "--verbose",
+            "--memory", memory, "--cpus", str(cpus)]
+    if os.environ.get("VFIO_LIBVIRT_TEST_KVM") != "1":
+        argv.append("--disable-kvm")
+    exports = [("rodir", d) for d in rodirs] + [("rwdir", d) for d in rwdirs]
+    if len(exports) > _MAX_EXPORTS:
+        raise ValueError(f"at most {_MAX_EXPORTS} --rodir/--rwdir exports")
+    argv += [f"--{kind}={_safe(path)}" for kind, path in exports]
+    # "=" forms: argparse would take a value starting with "-" for an option.
+    argv += [f"--append={' '.join(kargs)}", f"--qemu-opts={' '.join(qemu)}",
+             f"--exec=sh {_safe(script)}"]
+    return argv
+
+
+def run_in_guest(command: str | Sequence[str], *,
+                 devices: Sequence[TestDevice] = DEFAULT_TEST_DEVICES,
+                 rwdirs: Iterable[os.PathLike | str] = (),
+                 rodirs: Iterable[os.PathLike | str] = (),
+                 env: Mapping[str, str] | None = None,
+                 cwd: os.PathLike | str = REPO_ROOT,
+                 timeout: float = DEFAULT_TIMEOUT,
+                 memory: str = "1G", cpus: int = 2,
+                 append: Sequence[str] = (), qemu_opts: Sequence[str] = (),
+                 boot_retries: int = 1, keep_out: bool = False,
+                 info: GuestInfo | None = None, echo: bool = False) -> GuestResult:
+    """Boot a fresh guest, run `command` (a shell string or an argv) as root.
+
+    `timeout` bounds the whole call (all attempts).  A boot that dies before
+    the command starts is retried `boot_retries` times; a command that fails
+    is not.  The command's stdout/stderr come back separately from the
+    console (vng, QEMU and the guest kernel log).  With keep_out=True the
+    VFIO_LIBVIRT_TEST_OUT dir is kept and returned as result.out_dir (the
+    caller removes it).  With echo=True a failed boot's console is printed.
+    """
+    if info is None:
+        info, reason = check_provisioned()
+        if info is None:
+            raise GuestUnavailable(reason)
+    if not isinstance(command, str):
+        command = shlex.join(list(command))
+    base = Path(tempfile.mkdtemp(prefix="vlt-guest-"))
+    deadline = time.monotonic() + timeout
+    started_at = time.monotonic()
+    attempts = 0
+    result: GuestResult | None = None
+    try:
+        while True:
+            attempts += 1
+            work = base / f"try{attempts}"
+            (work / "out").mkdir(parents=True)
+            (work / "cmd.sh").write_text(command + "\n")
+            nonce = uuid.uuid4().hex[:12]
+            script = work / "run.sh"
+            script.write_text(_guest_script(nonce, work, Path(cwd), dict(env or {})))
+            argv = vng_argv(
+                info, script, devices=devices,
+                rwdirs=[str(work), *map(str, rwdirs)],
+                rodirs=[str(info.cache), *map(str, rodirs)],
+                memory=memory, cpus=cpus, append=append, qemu_opts=qemu_opts)
+            result = _run_once(argv, nonce, work, deadline - time.monotonic())
+            result.attempts = attempts
+            result.seconds = time.monotonic() - started_at
+            if (result.started or result.timed_out or attempts > boot_retries
+                    or deadline - time.monotonic() < 60):
+                break
+            if echo:
+                print(f"[guest] boot failed, retrying\n{result.console}", file=sys.stderr)
+        if echo and result.boot_failed:
+            print(f"[guest] boot failed\n{result.describe()}", file=sys.stderr)
+        if keep_out:
+            kept = Path(tempfile.mkdtemp(prefix="vlt-guest-out-"))
+            shutil.copytree(work / "out", kept, dirs_exist_ok=True)
+            result.out_dir = kept
+        return result
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _run_once(argv: list[str], nonce: str, work: Path, timeout: float) -> GuestResult:
+    env = dict(os.environ)
+    venv_bin = str(Path(argv[0]).parent)
+    # vng runs virtme-run through PATH; keep the pyenv shims etc. out of it.
+    env["PATH"] = f"{venv_bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    env.pop("PYTHONPATH", None)
+    env.pop("VIRTUAL_ENV", None)
+    timed_out = False
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env, cwd=str(REPO_ROOT),
+                            start_new_session=True, text=True, errors="replace")
+    try:
+        out, console = proc.communicate(timeout=max(timeout, 1.0))
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        _kill_group(proc)
+        out, console = proc.communicate()
+    start = f"VLT-GUEST-START-{nonce}"
+    end = f"VLT-GUEST-END-{nonce}"
+    started = start in out
+    stdout = out.split(start + "\n", 1)[-1] if started else out
+    finished = False
+    rc: int | None = None
+    rc_file = work / "rc"
+    if rc_file.is_file():
+        try:
+            rc = int(rc_file.read_text().strip())
+            finished = True
+        except ValueError:
+            pass
+    if end in stdout:
+        stdout = stdout[:stdout.rfind(end)]
+        finished = True
+        if rc is None:
+            rc = proc.returncode
+    try:
+        stderr = (work / "stderr").read_text(errors="replace")
+    except OSError:
+        stderr = ""
+    return GuestResult(rc=rc, stdout=stdout, stderr=stderr,
+                       console=console + f"\n[vng exit status {proc.returncode}]",
+                       started=started, finished=finished, timed_out=timed_out,
+                       attempts=1, seconds=0.0, argv=argv)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Stop vng and the QEMU it started (their own session, made by Popen)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=10)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+if __name__ == "__main__":   # ad-hoc: python3 tests/vm/guest.py 'cmd ...'
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", nargs="?", default="uname -a; cat /proc/cmdline")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT)
+    parser.add_argument("--console", action="store_true", help="print the console too")
+    ns = parser.parse_args()
+    info, why = check_provisioned()
+    if info is None:
+        sys.exit(f"guest: {why}")
+    res = run_in_guest(ns.command, timeout=ns.timeout, info=info, echo=True)
+    sys.stdout.write(res.stdout)
+    sys.stderr.write(res.stderr)
+    if ns.console:
+        sys.stderr.write(res.console)
+    print(f"[guest] {res.describe(tail=0).splitlines()[0]}", file=sys.stderr)
+    sys.exit(res.rc if res.finished and res.rc is not None else 124)
