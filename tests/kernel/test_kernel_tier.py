@@ -16,7 +16,7 @@ import pytest
 
 pytestmark = pytest.mark.kernel
 
-INNER_TIMEOUT = 280.0   # whole guest run, boot retry included
+INNER_TIMEOUT = 900.0   # whole guest run, boot retry included (TCG on 2 cores is slow)
 
 
 @pytest.fixture(scope="module")

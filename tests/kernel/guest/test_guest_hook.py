@@ -1,0 +1,139 @@
+"""The hook against the guest's real kernel: bind at prepare, restore at release.
+
+Runs `hooks/qemu` exactly as libvirtd would (argv + domain XML on stdin) against the
+guest's real /sys and /lib/modules, with our own variant driver built on the kernel's
+vfio_pci_core standing in for upstream's virtio_vfio_pci.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.vm import guest as H
+
+pytestmark = pytest.mark.real_sysfs
+
+NIC, E1000 = H.VIRTIO_NET.bdf, H.E1000E.bdf
+
+
+def hostdev(bdf: str, managed: str = "no", model: str | None = None) -> str:
+    _, bus, rest = bdf.split(":")
+    slot, function = rest.split(".")
+    driver = f"<driver model='{model}'/>" if model else ""
+    return (f"<hostdev mode='subsystem' type='pci' managed='{managed}'>{driver}<source>"
+            f"<address domain='0x0000' bus='0x{bus}' slot='0x{slot}' function='0x{function}'/>"
+            "</source></hostdev>")
+
+
+def domain(name: str, *devices: str) -> str:
+    return f"<domain type='qemu'><name>{name}</name><devices>{''.join(devices)}</devices></domain>"
+
+
+@pytest.fixture
+def hook(repo, tmp_path):
+    state = tmp_path / "state"
+    config = tmp_path / "config.toml"
+    config.write_text('[libvirt]\nversion = "11.3.0"\n[timeouts]\nrestore_seconds = 20\n')
+
+    def run(name: str, op: str, subop: str, xml: str = "", *, env: dict | None = None):
+        H.require_guest()
+        full_env = {**os.environ, "VFIO_LIBVIRT_STATE_DIR": str(state),
+                    "VFIO_LIBVIRT_CONFIG": str(config), **(env or {})}
+        return subprocess.run([H.GUEST_PYTHON, str(repo / "hooks" / "qemu"), name, op, subop, "-"],
+                              input=xml, env=full_env, capture_output=True, text=True,
+                              timeout=120, check=False)
+
+    run.state = state
+    run.config = config
+    run.journal = lambda: (json.loads((state / "journal.json").read_text())["devices"]
+                           if (state / "journal.json").exists() else {})
+    return run
+
+
+def test_prepare_binds_variant_and_vfio_pci_then_release_restores(pci, hook):
+    xml = domain("vm1", hostdev(NIC), hostdev(E1000))
+    proc = hook("vm1", "prepare", "begin", xml)
+    assert proc.returncode == 0, proc.stderr
+    nic, e1000 = pci["virtio-net"], pci["e1000e"]
+    assert nic.driver == H.VARIANT_EXACT_DRIVER  # variant wins: 5 wildcards vs 6 and 7
+    assert e1000.driver == "vfio-pci"
+    for dev in (nic, e1000):
+        assert Path(f"/dev/vfio/{dev.iommu_group}").exists()
+        assert any((dev.path / "vfio-dev").iterdir())
+    journal = hook.journal()
+    assert journal[NIC]["original_driver"] == "virtio-pci"
+    assert journal[NIC]["target_module"] == H.VARIANT_EXACT_MODULE
+    assert journal[E1000]["target_driver"] == "vfio-pci"
+
+    proc = hook("vm1", "release", "end", xml)
+    assert proc.returncode == 0, proc.stderr
+    assert nic.driver == "virtio-pci" and e1000.driver == "e1000e"
+    assert nic.override == "(null)" and e1000.override == "(null)"
+    assert hook.journal() == {}
+
+
+def test_libvirt_9_policy_binds_vfio_pci_even_where_a_variant_matches(pci, hook):
+    hook.config.write_text('[libvirt]\nversion = "9.0.0"\n')
+    xml = domain("vm1", hostdev(NIC))
+    assert hook("vm1", "prepare", "begin", xml).returncode == 0
+    assert pci["virtio-net"].driver == "vfio-pci"
+    assert "libvirt 9.0.0 accepts only vfio-pci" in hook.journal()[NIC]["reason"]
+    assert hook("vm1", "release", "end", xml).returncode == 0
+    assert pci["virtio-net"].driver == "virtio-pci"
+
+
+def test_failing_prepare_rolls_back_on_the_real_kernel(pci, hook):
+    xml = domain("vm1", hostdev(NIC), hostdev(E1000, model="no_such_vfio_pci"))
+    proc = hook("vm1", "prepare", "begin", xml)
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1
+    assert f"{E1000}: cannot bind no_such_vfio_pci: modprobe no_such_vfio_pci failed" in proc.stderr
+    assert pci["virtio-net"].driver == "virtio-pci" and pci["virtio-net"].override == "(null)"
+    assert pci["e1000e"].driver == "e1000e"
+    assert hook.journal() == {}
+
+
+def test_reconnect_reports_drift_and_changes_nothing(pci, hook, product):
+    xml = domain("vm1", hostdev(E1000))
+    assert hook("vm1", "prepare", "begin", xml).returncode == 0
+    pci["e1000e"].unbind()  # someone else takes the device away
+    assert hook("vm1", "reconnect", "begin", xml).returncode == 0
+    assert pci["e1000e"].driver is None
+    status = product("status", "--json", env={"VFIO_LIBVIRT_STATE_DIR": str(hook.state)})
+    assert json.loads(status.stdout)["drift"] == [
+        f"{E1000}: journal says vm1 has it on vfio-pci, sysfs says no driver"]
+    assert hook("vm1", "release", "end", xml).returncode == 0
+    assert pci["e1000e"].driver == "e1000e"
+
+
+def test_restore_waits_while_a_process_holds_the_vfio_group(pci, hook):
+    xml = domain("vm1", hostdev(E1000))
+    assert hook("vm1", "prepare", "begin", xml).returncode == 0
+    group = f"/dev/vfio/{pci['e1000e'].iommu_group}"
+    hold = 3.0
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import os, time; fd = os.open({group!r}, os.O_RDWR); "
+         f"print('open', flush=True); time.sleep({hold})"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "open"
+    start = time.monotonic()
+    proc = hook("vm1", "release", "end", xml)
+    waited = time.monotonic() - start
+    holder.wait(timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert pci["e1000e"].driver == "e1000e"
+    assert waited >= hold * 0.5  # it waited for the holder rather than unbinding under it
+    assert hook.journal() == {}
+
+
+def test_real_alias_ranking_from_the_guest_kernel(pci, product):
+    proc = product("resolve", NIC, "--json")
+    answer = json.loads(proc.stdout)
+    assert [(c["module"], c["wildcards"]) for c in answer["candidates"]] == [
+        (H.VARIANT_EXACT_MODULE, 5), (H.VARIANT_VENDOR_MODULE, 6), ("vfio_pci", 7)]
