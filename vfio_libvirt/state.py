@@ -60,12 +60,6 @@ class Journal:
     def path(self) -> Path:
         return self.dir / JOURNAL
 
-    def exists_for(self, domain: str) -> bool:
-        """Cheap check for the hook's fast path: any entry for this domain?"""
-        if not self.path.exists():
-            return False
-        return bool(self.read().for_domain(domain))
-
     def read(self) -> Snapshot:
         """A consistent copy, taken under the lock; for looking, not for changing."""
         with self._lock(exclusive=False):
