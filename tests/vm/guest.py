@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 import uuid
+import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -416,6 +417,76 @@ def _run_once(argv: list[str], nonce: str, work: Path, timeout: float) -> GuestR
                        console=console + f"\n[vng exit status {proc.returncode}]",
                        started=started, finished=finished, timed_out=timed_out,
                        attempts=1, seconds=0.0, argv=argv)
+
+
+# --------------------------------------------------------------- libvirt tier
+
+
+LIBVIRT_MIN = (10, 0)           # managed='no' on a variant driver needs libvirt >= 10
+LIBVIRT_PACKAGES = ("libvirt-daemon-system", "libvirt-daemon-driver-qemu", "libvirt-clients",
+                    "python3-libvirt")
+
+
+def check_libvirt_provisioned(cache: os.PathLike | str | None = None) -> tuple[GuestInfo | None, str]:
+    """(info, "") when the libvirt tier can run here, else (None, reason).
+
+    The guest runs the host's libvirt (the root filesystem is shared), so it must be
+    installed here: tests/vm/provision.sh --libvirt.  Asks dpkg only; nothing here
+    runs a libvirt binary on the host.
+    """
+    info, reason = check_provisioned(cache)
+    if info is None:
+        return None, reason
+    dpkg = shutil.which("dpkg-query", path="/usr/bin:/bin")
+    if not dpkg:
+        return None, "libvirt tier: no dpkg-query (the tier is provisioned from Debian packages)"
+    proc = subprocess.run([dpkg, "-W", "-f=${Package} ${db:Status-Status} ${Version}\n",
+                           *LIBVIRT_PACKAGES], capture_output=True, text=True, check=False)
+    found = {}
+    for line in proc.stdout.splitlines():
+        name, status, version = [*line.split(), "", ""][:3]
+        if status == "installed":
+            found[name] = version
+    missing = [p for p in LIBVIRT_PACKAGES if p not in found]
+    if missing:
+        return None, (f"libvirt tier not provisioned: {', '.join(missing)} not installed "
+                      "(run tests/vm/provision.sh --libvirt)")
+    daemon = found["libvirt-daemon-driver-qemu"]
+    numbers = tuple(int(n) for n in re.findall(r"\d+", daemon.split(":")[-1])[:2])
+    if numbers < LIBVIRT_MIN:
+        return None, (f"libvirt tier: libvirt {daemon} is older than "
+                      f"{'.'.join(map(str, LIBVIRT_MIN))} (run tests/vm/provision.sh --libvirt)")
+    return info, ""
+
+
+def run_pytest_in_guest(testdir: str, *, timeout: float, info: GuestInfo,
+                        args: Sequence[str] = ()) -> tuple[GuestResult, ET.Element | None]:
+    """One boot, one inner pytest session on `testdir` (repo-relative); (result, JUnit root).
+
+    The JUnit report is None when the session wrote none (boot failure, crash).
+    """
+    command = shlex.join([GUEST_PYTHON, "-m", "pytest", testdir, "-p", "no:cacheprovider",
+                          "-q", "-o", "console_output_style=classic", *args])
+    command += ' --junitxml="$VFIO_LIBVIRT_TEST_OUT/junit.xml"'
+    result = run_in_guest(command, timeout=timeout, keep_out=True, info=info, echo=True)
+    try:
+        junit = result.out_dir / "junit.xml" if result.out_dir else None
+        report = ET.parse(junit).getroot() if junit and junit.is_file() else None
+    finally:
+        if result.out_dir:
+            shutil.rmtree(result.out_dir, ignore_errors=True)
+    return result, report
+
+
+def junit_totals(report: ET.Element) -> dict[str, int]:
+    suites = [report] if report.tag == "testsuite" else report.findall("testsuite")
+    keys = ("tests", "failures", "errors", "skipped")
+    return {k: sum(int(s.get(k, 0)) for s in suites) for k in keys}
+
+
+def junit_failed(report: ET.Element) -> list[str]:
+    return [f"{c.get('classname')}::{c.get('name')}" for c in report.iter("testcase")
+            if c.find("failure") is not None or c.find("error") is not None]
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

@@ -30,7 +30,7 @@ HOST_PKGS=(
     python3-venv python3-pytest python3-pytest-mock          # harness + guest
     python3-lxml python3-tenacity                            # product, in guest
 )
-LIBVIRT_PKGS=(libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients)
+LIBVIRT_PKGS=(libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients python3-libvirt)
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 MODULE_SRC=$HERE/module
