@@ -41,7 +41,7 @@ def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
     from vfio_libvirt.lifecycle import Host, make_plan
 
     domain = _load_domain(args)
-    plan = make_plan(Host(settings), domain)
+    plan = make_plan(Host(settings, read_only=True), domain)
     if args.json:
         emit_json(plan.to_json())
     else:

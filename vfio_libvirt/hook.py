@@ -78,7 +78,7 @@ def _prepare(domain_name: str, data: bytes, dry_run: bool) -> int:
         raise InputError(f"XML on stdin is for domain {domain.name!r}, not {domain_name!r}")
     if not domain.hostdevs:
         return 0
-    host = Host(Settings.from_env())
+    host = Host(Settings.from_env(), read_only=dry_run)
     if dry_run:
         plan = make_plan(host, domain)
         for step in plan.steps:

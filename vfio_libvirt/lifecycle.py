@@ -9,6 +9,7 @@ journal and sysfs, report drift, change nothing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from functools import cached_property
@@ -33,6 +34,8 @@ class Host:
     """The host as the lifecycle sees it, built from Settings (environment)."""
 
     settings: Settings
+    read_only: bool = False
+    """Plans and dry runs: not even the libvirt-version cache is written."""
 
     @cached_property
     def sysfs(self) -> Sysfs:
@@ -56,7 +59,8 @@ class Host:
 
     @cached_property
     def libvirt_version(self) -> tuple[int, ...] | None:
-        version, source = libvirt_version.detect(self.config, self.settings.state_dir)
+        cache = None if self.read_only else self.settings.state_dir
+        version, source = libvirt_version.detect(self.config, cache)
         log.debug("libvirt version %s from %s", version, source)
         return version
 
@@ -265,6 +269,10 @@ def _fallback_to_vfio(host: Host, entry: Entry, address: PciAddress) -> str:
     """Never leave a device silently driverless: put it back on the VFIO driver it had."""
     current = host.sysfs.driver(address)
     if current is not None:
+        # the restore may have cleared the override already; pin it again so no
+        # later probe hands a device someone still holds to the host driver
+        with contextlib.suppress(OSError):
+            host.sysfs.set_driver_override(address, current)
         return f"left on {current}"
     if not entry.target_driver:
         return "left with no driver"

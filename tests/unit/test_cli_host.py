@@ -122,6 +122,20 @@ def test_test_hook_reports_the_hooks_failure(sim, xml_file, capsys):
     assert "exit code 2" in capsys.readouterr().out
 
 
+def test_plan_writes_nothing_not_even_the_version_cache(sim, xml_file, tmp_path, monkeypatch):
+    from tests.unit.conftest import write_config
+    from vfio_libvirt import libvirt_version
+
+    daemon = tmp_path / "virtqemud"
+    daemon.write_text("#!/bin/sh\necho 'virtqemud (libvirt) 11.3.0'\n")
+    daemon.chmod(0o755)
+    monkeypatch.setattr(libvirt_version, "daemon_candidates", lambda: [daemon])
+    write_config("")
+    assert main(["plan", "--xml", xml_file(domain_xml("vm1", pci(NIC)))]) == 0
+    state = Path(os.environ["VFIO_LIBVIRT_STATE_DIR"])
+    assert not state.exists() or list(state.iterdir()) == []
+
+
 def test_test_hook_needs_an_installed_hook(sim, capsys):
     assert main(["test-hook", "vm1", "prepare", "--hook", "/nonexistent", "--xml", "-"]) == 1
     assert "not installed" in capsys.readouterr().err

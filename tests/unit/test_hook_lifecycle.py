@@ -207,6 +207,7 @@ def test_restore_past_deadline_keeps_device_on_vfio_and_says_so(sim, capsys):
     assert run_hook("vm1", "release", "end", xml) == 1
     assert "still held open by 4242 (qemu-system-x86)" in capsys.readouterr().err
     assert sim.driver_of(NIC) == "virtio-vfio-pci"  # never silently driverless
+    assert sim.override_of(NIC) == "virtio-vfio-pci"  # and pinned there
     entry = journal()[NIC]
     assert entry["status"] == "restore-failed" and "left on virtio-vfio-pci" in entry["error"]
 
