@@ -145,7 +145,6 @@ def prepare(host: Host, domain: Domain) -> Plan:
 
 def _claim(host: Host, domain: Domain, plan: Plan) -> dict[str, Entry]:
     """Record every device this domain will use, or refuse if another domain holds one."""
-    roles = {"bind": "bind", "watch": "watch", "keep": "keep"}
     with host.journal.transaction() as entries:
         for step in plan.steps:
             entry = entries.get(str(step.address))
@@ -156,15 +155,16 @@ def _claim(host: Host, domain: Domain, plan: Plan) -> dict[str, Entry]:
                 )
         claimed: dict[str, Entry] = {}
         for step in plan.steps:
-            if step.action not in roles:
-                continue
+            if step.action == "skip":
+                continue  # never journaled: the hook does not touch it
             key = str(step.address)
             old = entries.get(key)
             entries[key] = claimed[key] = Entry(
                 address=key,
                 domain=domain.name,
                 uuid=domain.uuid,
-                role="companion" if step.companion else roles[step.action],  # type: ignore[arg-type]
+                # the actions bind/watch/keep are the journal's roles
+                role="companion" if step.companion else step.action,  # type: ignore[arg-type]
                 # a domain started again without a release keeps its first originals
                 original_driver=old.original_driver if old else step.original_driver,
                 original_override=old.original_override if old else step.original_override,
