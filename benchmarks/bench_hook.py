@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+sys.path[:0] = [str(REPO)]
 
 PLAIN_XML = (b"<domain type='kvm'><name>plain</name><devices><disk type='file'/>"
              b"<interface type='network'><source network='default'/></interface></devices></domain>")
@@ -47,7 +47,7 @@ def fast_path() -> None:
 
 
 def on_simulator(count: int, delay: float) -> tuple[float, float, int]:
-    from support.simkernel import SimKernel
+    from tests.support.simkernel import SimKernel
 
     import vfio_libvirt.sysfs
     from vfio_libvirt import hook

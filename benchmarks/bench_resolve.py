@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+sys.path[:0] = [str(REPO)]
 
-from support.aliasgen import generate  # noqa: E402
+from tests.support.aliasgen import generate  # noqa: E402
 
 from vfio_libvirt.aliases import AliasTable  # noqa: E402
 

@@ -7,9 +7,8 @@ On the host they are not collected at all (collect_ignore below); inside the gue
 conftest skips them whenever in_guest() is false, and every step that changes the
 system calls require_guest() first.
 
-No __init__.py in this directory, on purpose: pyproject.toml puts tests/ on sys.path
-(for `support`), so a package tests/libvirt would be found as `libvirt` and shadow
-libvirt-python for every test in the run.
+This directory is a package (tests.libvirt) and tests/ is not on sys.path, so it can
+never shadow libvirt-python.
 """
 
 from __future__ import annotations

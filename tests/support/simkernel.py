@@ -107,10 +107,10 @@ class SimKernel:
 
     def modprobe_script(self) -> Path:
         script = self.root / "fake-modprobe"
-        tests_dir = Path(__file__).resolve().parents[1]
+        repo_dir = Path(__file__).resolve().parents[2]
         script.write_text(
-            f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(tests_dir)!r})\n"
-            "from support.simkernel import modprobe_main\n"
+            f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(repo_dir)!r})\n"
+            "from tests.support.simkernel import modprobe_main\n"
             f"sys.exit(modprobe_main({str(self.root)!r}, sys.argv[1:]))\n"
         )
         script.chmod(0o755)

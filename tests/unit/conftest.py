@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
-from support.simkernel import SimKernel
+from tests.support.simkernel import SimKernel
 
 from vfio_libvirt import hook
 from vfio_libvirt.lifecycle import Host

@@ -1,7 +1,7 @@
 from pathlib import Path
 
 import pytest
-from support.aliasgen import VFIO_LINES, generate
+from tests.support.aliasgen import VFIO_LINES, generate
 
 from vfio_libvirt.aliases import AliasTable, parse_builtin_modinfo, parse_modules_alias
 from vfio_libvirt.errors import InputError, OperationError

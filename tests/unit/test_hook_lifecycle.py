@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from support.simkernel import SimCrash
+from tests.support.simkernel import SimCrash
 
 from tests.unit.conftest import (
     AUDIO_BDF,
