@@ -110,3 +110,23 @@ XXE = b"""<?xml version="1.0"?>
 def test_hostile_documents(data, message):
     with pytest.raises(InputError, match=message):
         parse_xml(data)
+
+
+def test_doctype_text_inside_another_applications_cdata_metadata_is_accepted():
+    """The parsed document decides: '<!DOCTYPE' as CDATA text is data, not a declaration."""
+    xml = (b"<domain><name>vm1</name><metadata><app:notes xmlns:app='urn:example:app'>"
+           b"<![CDATA[<!DOCTYPE lolz [<!ENTITY lol 'lol'>]> pasted by a user]]>"
+           b"</app:notes></metadata><devices>"
+           b"<hostdev mode='subsystem' type='pci'><source><address bus='0x06' slot='0x12' "
+           b"function='0x5'/></source></hostdev></devices></domain>")
+    assert [str(h.address) for h in Domain.from_xml(xml).hostdevs] == ["0000:06:12.5"]
+
+
+@pytest.mark.parametrize("data", [
+    b'<!DOCTYPE domain SYSTEM "http://example.invalid/x.dtd"><domain><name>x</name></domain>',
+    b"<!DOCTYPE domain><domain><name>x</name></domain>",
+    b"<domain><name>&undefined;</name></domain>",
+], ids=["external-dtd", "bare-doctype", "undefined-entity"])
+def test_any_declared_doctype_or_entity_is_refused(data):
+    with pytest.raises(InputError, match="DOCTYPE or entity"):
+        parse_xml(data)
