@@ -9,46 +9,14 @@ VFIO_LIBVIRT_DEBUG=1.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
 
+from vfio_libvirt.cli_common import PROG, Parser, emit_json, read_input
 from vfio_libvirt.errors import InputError, OperationError, VfioLibvirtError
 from vfio_libvirt.settings import Settings
-
-PROG = "vfio-libvirt"
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but usage errors are one line and exit 2 like every other bad input."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def read_input(source: str, limit: int) -> bytes:
-    """Read a file or `-` (stdin), refusing more than `limit` bytes before parsing."""
-    try:
-        if source == "-":
-            data = sys.stdin.buffer.read(limit + 1)
-        else:
-            with open(source, "rb") as handle:
-                data = handle.read(limit + 1)
-    except FileNotFoundError:
-        raise InputError(f"no such file: {source}") from None
-    except OSError as err:
-        raise InputError(f"cannot read {source}: {err.strerror}") from None
-    if len(data) > limit:
-        raise InputError(f"{source}: document larger than {limit} bytes")
-    return data
-
-
-def emit_json(value: object) -> None:
-    json.dump(value, sys.stdout, indent=2)
-    sys.stdout.write("\n")
 
 
 # --- commands ----------------------------------------------------------------------
@@ -95,8 +63,8 @@ def cmd_hostdevs(args: argparse.Namespace, settings: Settings) -> int:
 
 # --- wiring ------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Bind libvirt hostdevs to their best VFIO driver.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = Parser(prog=PROG, description="Bind libvirt hostdevs to their best VFIO driver.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     def command(name: str, func: Callable[..., int], help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -113,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--xml", required=True, metavar="FILE", help="domain XML file, or - for stdin")
     p.add_argument("--json", action="store_true")
 
+    # one-way: these modules lean on cli_common, never on this module
     from vfio_libvirt import cli_host, cli_libvirt
 
     cli_host.register(command)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from vfio_libvirt.cli_common import Command, emit_json, read_input
 from vfio_libvirt.errors import InputError, OperationError
 from vfio_libvirt.settings import MAX_XML_BYTES, Settings
 
@@ -24,7 +25,6 @@ HOOK_OPS = {
 
 
 def _load_domain(args: argparse.Namespace):
-    from vfio_libvirt.cli import read_input
     from vfio_libvirt.domain import Domain
 
     if args.xml:
@@ -37,7 +37,6 @@ def _load_domain(args: argparse.Namespace):
 
 
 def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
-    from vfio_libvirt.cli import emit_json
     from vfio_libvirt.lifecycle import Host, make_plan
 
     domain = _load_domain(args)
@@ -55,7 +54,6 @@ def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    from vfio_libvirt.cli import emit_json
     from vfio_libvirt.lifecycle import Host, drift
 
     host = Host(settings)
@@ -161,8 +159,6 @@ def cmd_test_hook(args: argparse.Namespace, settings: Settings) -> int:
     hook = Path(args.hook or HOOK_PATH)
     if not os.access(hook, os.X_OK):
         raise OperationError(f"hook {hook} is not installed or not executable (sudo ./install.sh)")
-    from vfio_libvirt.cli import read_input
-
     if args.xml:
         data = read_input(args.xml, MAX_XML_BYTES)
     else:
@@ -183,7 +179,7 @@ def cmd_test_hook(args: argparse.Namespace, settings: Settings) -> int:
     return proc.returncode
 
 
-def register(command) -> None:
+def register(command: Command) -> None:
     """Add this module's commands; `command(name, func, help)` returns a subparser."""
     p = command("plan", cmd_plan, "show what prepare would do for a domain, with reasons")
     p.add_argument("domain", nargs="?", help="libvirt domain name (needs libvirt-python)")

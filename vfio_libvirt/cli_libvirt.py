@@ -7,13 +7,11 @@ attachDeviceFlags/detachDeviceFlags, with the same journal.
 from __future__ import annotations
 
 import argparse
-import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from lxml import etree
-
+from vfio_libvirt.cli_common import Command, emit_json
 from vfio_libvirt.errors import InputError, OperationError, VfioLibvirtError
 from vfio_libvirt.settings import Settings
 
@@ -26,8 +24,6 @@ class Finding:
 
 
 def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
-    from vfio_libvirt.cli import emit_json
-
     findings = doctor(settings, args.connect, Path(args.hook))
     if args.json:
         emit_json([f.__dict__ for f in findings])
@@ -162,6 +158,10 @@ def _domain_findings(host, uri: str | None) -> list[Finding]:
 
 # --- adopt ---------------------------------------------------------------------------
 def cmd_adopt(args: argparse.Namespace, settings: Settings) -> int:
+    import difflib
+
+    from lxml import etree
+
     from vfio_libvirt.domain import Domain, parse_xml
     from vfio_libvirt.libvirt_version import VARIANT_MIN
     from vfio_libvirt.lifecycle import Host, make_plan
@@ -271,7 +271,7 @@ def cmd_detach(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def register(command) -> None:
+def register(command: Command) -> None:
     p = command("doctor", cmd_doctor, "check IOMMU, VFIO modules, libvirt, the hook and every domain")
     p.add_argument("--connect", metavar="URI")
     p.add_argument("--hook", default="/etc/libvirt/hooks/qemu.d/vfio-libvirt")

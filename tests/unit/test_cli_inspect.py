@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from tests.support.aliasgen import generate
 
+from tests.support.aliasgen import generate
 from tests.unit.test_domain import BILLION_LAUGHS, DOMAIN, XXE
 from vfio_libvirt.cli import main
 
