@@ -5,13 +5,29 @@ points all of them into a temp dir for every test, so a test that forgets to set
 gets an empty sandbox instead of the host.  Only tests that run inside the QEMU guest
 of the kernel tier opt out (marker `real_sysfs`), and only when they really are in
 that guest.
+
+It also prints, in pytest's terminal summary, one line per QEMU tier saying what ran
+inside its guest (the inner session's counts are otherwise invisible in a CI log
+unless pytest runs with -s).  The tier fixtures feed it through `record_tier_line`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+from tests.vm import guest as H
+
+if TYPE_CHECKING:  # pytest 7.2 does not export it as pytest.TerminalReporter
+    from _pytest.terminal import TerminalReporter
+
+QEMU_TIERS = ("kernel", "libvirt")
+"""The QEMU tiers, by the marker their host-side module carries, in summary order."""
+_TIER_LINES = pytest.StashKey[dict[str, str]]()
+_TIERS_SELECTED = pytest.StashKey[list[str]]()
 
 
 def _inside_test_guest() -> bool:
@@ -37,3 +53,34 @@ def _sandbox_host_paths(request: pytest.FixtureRequest, tmp_path_factory, monkey
     monkeypatch.setenv("VFIO_LIBVIRT_MODPROBE", "false")
     # libvirt-python, where a test reaches it, gets the in-memory test driver
     monkeypatch.setenv("LIBVIRT_DEFAULT_URI", "test:///default")
+
+
+@pytest.fixture(scope="session")
+def record_tier_line(pytestconfig: pytest.Config) -> Callable[[str, str], None]:
+    """record(tier, line): the line the terminal summary prints for that QEMU tier."""
+    lines = pytestconfig.stash.setdefault(_TIER_LINES, {})
+
+    def record(tier: str, line: str) -> None:
+        lines[tier] = line
+
+    return record
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # remembered so that a selected tier whose fixture never ran still gets a line
+    session.config.stash[_TIERS_SELECTED] = [
+        tier for tier in QEMU_TIERS if any(item.get_closest_marker(tier) for item in session.items)]
+
+
+def pytest_terminal_summary(terminalreporter: TerminalReporter, exitstatus: int,
+                            config: pytest.Config) -> None:
+    lines = config.stash.get(_TIER_LINES, {})
+    selected = config.stash.get(_TIERS_SELECTED, [])
+    tiers = [tier for tier in QEMU_TIERS if tier in lines or tier in selected]
+    if not tiers:
+        return  # a run without the QEMU tiers (e.g. tests/unit, or inside a guest)
+    terminalreporter.ensure_newline()
+    terminalreporter.section("QEMU test tiers", sep="-")
+    for tier in tiers:
+        terminalreporter.write_line(lines.get(tier) or H.tier_not_run_line(
+            tier, "the session ended before its tests started the guest"))

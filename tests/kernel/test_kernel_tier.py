@@ -12,19 +12,25 @@ from __future__ import annotations
 import pytest
 
 pytestmark = pytest.mark.kernel
+TIER = "kernel"   # its line in the terminal summary (tests/conftest.py)
 
 INNER_TIMEOUT = 900.0   # whole guest run, boot retry included (TCG on 2 cores is slow)
 
 
 @pytest.fixture(scope="module")
-def inner_session(guest_harness):
+def inner_session(guest_harness, record_tier_line):
+    """The one guest run; its outcome becomes the tier's line in the terminal summary."""
     info, reason = guest_harness.check_provisioned()
     if info is None:
+        record_tier_line(TIER, guest_harness.tier_not_run_line(TIER, reason))
         pytest.skip(reason)
-    result, report = guest_harness.run_pytest_in_guest(
-        "tests/kernel/guest", timeout=INNER_TIMEOUT, info=info)
-    totals = guest_harness.junit_totals(report) if report is not None else None
-    print(f"\nkernel tier: guest run {result.seconds:.1f}s, inner totals {totals}")
+    try:
+        result, report = guest_harness.run_pytest_in_guest(
+            "tests/kernel/guest", timeout=INNER_TIMEOUT, info=info)
+    except Exception as err:
+        record_tier_line(TIER, guest_harness.tier_not_run_line(TIER, f"{type(err).__name__}: {err}"))
+        raise
+    record_tier_line(TIER, guest_harness.tier_summary_line(TIER, result, report))
     return result, report
 
 

@@ -12,20 +12,25 @@ from __future__ import annotations
 import pytest
 
 pytestmark = pytest.mark.libvirt
+TIER = "libvirt"   # its line in the terminal summary (tests/conftest.py)
 
 INNER_TIMEOUT = 900.0   # whole guest run; about 3-4 min on an idle 2-core machine
 
 
 @pytest.fixture(scope="module")
-def inner_session(guest_harness):
+def inner_session(guest_harness, record_tier_line):
+    """The one guest run; its outcome becomes the tier's line in the terminal summary."""
     info, reason = guest_harness.check_libvirt_provisioned()
     if info is None:
+        record_tier_line(TIER, guest_harness.tier_not_run_line(TIER, reason))
         pytest.skip(reason)
-    result, report = guest_harness.run_pytest_in_guest(
-        "tests/libvirt/guest", timeout=INNER_TIMEOUT, info=info, args=("-rs",))
-    totals = guest_harness.junit_totals(report) if report is not None else None
-    summary = "\n".join(result.stdout.rstrip().splitlines()[-3:])
-    print(f"\nlibvirt tier: guest run {result.seconds:.1f}s, inner totals {totals}\n{summary}")
+    try:
+        result, report = guest_harness.run_pytest_in_guest(
+            "tests/libvirt/guest", timeout=INNER_TIMEOUT, info=info, args=("-rs",))
+    except Exception as err:
+        record_tier_line(TIER, guest_harness.tier_not_run_line(TIER, f"{type(err).__name__}: {err}"))
+        raise
+    record_tier_line(TIER, guest_harness.tier_summary_line(TIER, result, report))
     return result, report
 
 

@@ -489,6 +489,45 @@ def junit_failed(report: ET.Element) -> list[str]:
             if c.find("failure") is not None or c.find("error") is not None]
 
 
+def junit_outcomes(report: ET.Element) -> tuple[int, int, int]:
+    """(passed, failed, skipped), one outcome per test case.
+
+    Counted per <testcase> rather than from the suite totals: pytest counts a test
+    that passes and then errors in teardown once as passed and once as an error,
+    so tests - failures - errors - skipped can undercount.  failed = failure or error.
+    """
+    passed = failed = skipped = 0
+    for case in report.iter("testcase"):
+        if case.find("failure") is not None or case.find("error") is not None:
+            failed += 1
+        elif case.find("skipped") is not None:
+            skipped += 1
+        else:
+            passed += 1
+    return passed, failed, skipped
+
+
+def tier_summary_line(tier: str, result: GuestResult, report: ET.Element | None) -> str:
+    """One line for the host's terminal summary: what ran in the guest, and how long.
+
+    Both QEMU tiers print it, so a reader of the CI log sees the inner session's
+    outcome without -s, e.g. `kernel tier: 25 passed, 0 failed, 0 skipped in the
+    guest (78 s)`.  Without a JUnit report (the guest never booted, or the inner
+    pytest died) the line says so with the guest's state instead of counts.
+    """
+    if report is None:
+        state = result.describe(tail=0).splitlines()[0]
+        return f"{tier} tier: no test report from the guest ({state})"
+    passed, failed, skipped = junit_outcomes(report)
+    return (f"{tier} tier: {passed} passed, {failed} failed, {skipped} skipped "
+            f"in the guest ({round(result.seconds)} s)")
+
+
+def tier_not_run_line(tier: str, reason: str) -> str:
+    """The summary line for a tier whose guest was never started, with the reason."""
+    return f"{tier} tier: not run ({reason})"
+
+
 def _kill_group(proc: subprocess.Popen) -> None:
     """Stop vng and the QEMU it started (their own session, made by Popen)."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
