@@ -167,9 +167,14 @@ def cmd_adopt(args: argparse.Namespace, settings: Settings) -> int:
     from vfio_libvirt.lifecycle import Host, make_plan
     from vfio_libvirt.virt import connect, lookup, xml_of
 
-    with connect(args.connect, write=not args.dry_run) as conn:
+    # VIR_DOMAIN_XML_SECURE: without it libvirt leaves out secrets such as
+    # <graphics passwd=...>, and redefining from that XML would delete them.  libvirt
+    # refuses the flag on a read-only connection; a dry run defines nothing, so it can
+    # do without.
+    secure = not args.dry_run
+    with connect(args.connect, write=secure) as conn:
         dom = lookup(conn, args.domain)
-        original = xml_of(dom, inactive=True)
+        original = xml_of(dom, inactive=True, secure=secure)
         root = parse_xml(original)
         managed = [h for h in Domain.from_xml(original).hostdevs if h.managed]
         if not managed:
@@ -187,12 +192,15 @@ def cmd_adopt(args: argparse.Namespace, settings: Settings) -> int:
             print("note: a variant driver is not possible for managed='no' on this libvirt (< 10): "
                   "adopting adds bounded restore retries and IOMMU group handling, not a better driver")
         addresses = {str(s.address) for s in plan.steps}
+        # both sides of the diff come from the same serializer, so it shows only what
+        # changes, not libvirt's quoting against lxml's
+        before = etree.tostring(root, encoding="unicode")
         for element in root.xpath("devices/hostdev[@managed='yes'] | devices/interface[@managed='yes']"):
             address = element.find("source/address")
             if address is not None and _bdf(address) in addresses:
                 element.set("managed", "no")
         updated = etree.tostring(root, encoding="unicode")
-        diff = difflib.unified_diff(original.decode().splitlines(), updated.splitlines(),
+        diff = difflib.unified_diff(before.splitlines(), updated.splitlines(),
                                     "persistent", "adopted", lineterm="")
         print("\n".join(diff))
         if args.dry_run:

@@ -45,10 +45,17 @@ def lookup(conn, name: str):
         raise InputError(f"no domain named {name!r} at {conn.getURI()}") from None
 
 
-def xml_of(dom, *, inactive: bool = False) -> bytes:
-    """Live XML for a running domain (what the hook gets), else the persistent one."""
+def xml_of(dom, *, inactive: bool = False, secure: bool = False) -> bytes:
+    """Live XML for a running domain (what the hook gets), else the persistent one.
+
+    `secure` adds the secrets (graphics passwords…) libvirt otherwise leaves out: a
+    command that redefines the domain from this XML must ask for them or delete them.
+    It needs a read-write connection.
+    """
     libvirt = libvirt_module()
     flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive or not dom.isActive() else 0
+    if secure:
+        flags |= libvirt.VIR_DOMAIN_XML_SECURE
     return dom.XMLDesc(flags).encode()
 
 

@@ -2,6 +2,7 @@
 pytest-mock where the test driver cannot do it (PCI hotplug)."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 class FakeDomain:
     def __init__(self, name: str, xml: bytes, active: bool = True) -> None:
         self._name, self._xml, self.active = name, xml, active
+        self.conn: FakeConn | None = None
         self.attached: list[tuple[str, int]] = []
         self.detached: list[tuple[str, int]] = []
         self.fail_attach = False
@@ -23,7 +25,14 @@ class FakeDomain:
     def name(self): return self._name
     def isActive(self): return self.active
     def UUIDString(self): return "00000000-0000-0000-0000-000000000001"
-    def XMLDesc(self, flags=0): return self._xml.decode()
+
+    def XMLDesc(self, flags=0):
+        """As libvirt: secrets only with VIR_DOMAIN_XML_SECURE, which a read-only connection may not ask."""
+        if flags & libvirt.VIR_DOMAIN_XML_SECURE:
+            if self.conn is not None and self.conn.read_only:
+                raise libvirt.libvirtError("operation forbidden: virDomainGetXMLDesc with secure flag")
+            return self._xml.decode()
+        return re.sub(r" passwd='[^']*'", "", self._xml.decode())
 
     def attachDeviceFlags(self, xml, flags):
         if self.fail_attach:
@@ -38,13 +47,18 @@ class FakeConn:
     def __init__(self, *domains: FakeDomain) -> None:
         self.domains = {d.name(): d for d in domains}
         self.defined: list[str] = []
+        self.read_only = False
 
     def lookupByName(self, name):
         if name not in self.domains:
             raise libvirt.libvirtError("no domain")
+        self.domains[name].conn = self
         return self.domains[name]
 
-    def listAllDomains(self): return list(self.domains.values())
+    def listAllDomains(self):
+        for dom in self.domains.values():
+            dom.conn = self
+        return list(self.domains.values())
     def getURI(self): return "fake:///"
     def defineXML(self, xml): self.defined.append(xml)
     def close(self): pass
@@ -53,8 +67,15 @@ class FakeConn:
 @pytest.fixture
 def fake_libvirt(mocker):
     conn = FakeConn()
-    mocker.patch.object(libvirt, "open", return_value=conn)
-    mocker.patch.object(libvirt, "openReadOnly", return_value=conn)
+
+    def opener(read_only: bool):
+        def open_(uri=None):
+            conn.read_only = read_only
+            return conn
+        return open_
+
+    mocker.patch.object(libvirt, "open", side_effect=opener(False))
+    mocker.patch.object(libvirt, "openReadOnly", side_effect=opener(True))
     return conn
 
 
@@ -87,16 +108,60 @@ def test_attach_to_stopped_domain_is_bad_input(sim, fake_libvirt):
 
 
 def test_adopt_switches_managed_yes_to_no_with_a_diff(sim, fake_libvirt, capsys):
+    graphics = "<graphics type='vnc' port='-1' passwd='s3cret'/>"
     fake_libvirt.domains["vm1"] = FakeDomain(
-        "vm1", domain_xml("vm1", pci(NIC, managed="yes"), pci(E1000, managed="no")), active=False)
+        "vm1", domain_xml("vm1", graphics, pci(NIC, managed="yes"), pci(E1000, managed="no")),
+        active=False)
     assert main(["adopt", "vm1", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "-<domain" in out and "managed='yes'" not in out.split("+<domain")[1]
+    assert "-<domain" in out and 'managed="yes"' not in out.split("+<domain")[1]
     assert fake_libvirt.defined == []
     assert main(["adopt", "vm1"]) == 0
     (defined,) = fake_libvirt.defined
     assert "managed=\"yes\"" not in defined and "managed='yes'" not in defined
+    assert 'passwd="s3cret"' in defined
     assert sim.writes == []
+
+
+# What libvirt 11.3's test driver gives back for a defined domain: one element a
+# line, single quotes, attributes everywhere, and a password only on request.
+ADOPT_XML = f"""<domain type='test'>
+  <name>vmpw</name>
+  <memory unit='KiB'>1024</memory>
+  <os><type>hvm</type></os>
+  <devices>
+    <graphics type='vnc' port='-1' autoport='yes' passwd='s3cret' keymap='de'/>
+    <graphics type='spice' autoport='yes' passwd='sp1ce'/>
+    {pci(NIC, managed="yes")}
+    {pci(E1000, managed="no")}
+  </devices>
+</domain>"""
+
+
+@pytest.fixture
+def test_driver_domain():
+    """A domain defined on libvirt's own in-memory test driver, kept while the test runs."""
+    conn = libvirt.open("test:///default")
+    dom = conn.defineXML(ADOPT_XML)
+    yield dom
+    dom.undefine()
+    conn.close()
+
+
+def test_adopt_keeps_graphics_passwords(sim, test_driver_domain, capsys):
+    assert main(["adopt", "vmpw", "--connect", "test:///default"]) == 0, capsys.readouterr().err
+    secure = test_driver_domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
+    assert "passwd='s3cret'" in secure and "passwd='sp1ce'" in secure
+    assert "managed='yes'" not in secure
+
+
+def test_adopt_diff_shows_only_the_flipped_element(sim, test_driver_domain, capsys):
+    assert main(["adopt", "vmpw", "--connect", "test:///default", "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    changed = [line for line in out if line[:1] in "-+" and line[:3] not in ("---", "+++")]
+    assert changed == ['-    <hostdev mode="subsystem" type="pci" managed="yes">',
+                       '+    <hostdev mode="subsystem" type="pci" managed="no">']
+    assert "dry run: definition unchanged" in out
 
 
 def test_adopt_on_libvirt_9_says_no_variant_is_possible(sim, fake_libvirt, capsys):
