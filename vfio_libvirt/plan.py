@@ -69,6 +69,8 @@ class Step:
 class Plan:
     steps: tuple[Step, ...]
     problems: tuple[str, ...] = ()
+    bad_input: bool = False
+    """Some problem is the caller's input (e.g. a driver that is no VFIO driver): exit 2."""
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -94,6 +96,21 @@ class Context:
     libvirt_version: tuple[int, ...] | None
     module_drivers: dict[str, list[str]]
     """PCI driver names of modules already loaded (module → names), to spot no-op binds."""
+    alias_error: str | None = None
+    """Why the alias table could not be read; reported per device that needs it."""
+
+    def vfio_module(self, requested: str) -> str | None:
+        """The VFIO module `requested` names (a module or the PCI driver it registers), else None.
+
+        A VFIO driver is vfio_pci or a module that declares `vfio_pci:` aliases; anything
+        else (e1000e, nouveau) would hand the device to a host driver.
+        """
+        module = canonical_module(requested)
+        modules = {a.module for a in self.aliases.aliases} | {FALLBACK_MODULE}
+        if module in modules:
+            return module
+        return next((m for m, drivers in self.module_drivers.items()
+                     if requested in drivers and m in modules), None)
 
     @property
     def libvirt_accepts_variants(self) -> bool:
@@ -116,18 +133,24 @@ def plan_prepare(
     steps: list[Step] = []
     companion_steps: list[Step] = []
     problems: list[str] = []
+    missing: list[str] = []  # said first: what is wrong with the devices themselves
+    bad_input = False
     assigned = {h.address for h in hostdevs}
     seen_companions: set[PciAddress] = set()
     for hostdev in hostdevs:
         state = states.get(hostdev.address)
         if state is None:
-            problems.append(f"{hostdev.address}: no such PCI device on this host")
+            missing.append(f"{hostdev.address}: no such PCI device on this host")
             continue
         if state.is_bridge:
             problems.append(f"{hostdev.address}: is a PCI bridge and cannot be assigned")
             continue
         try:
             step = _plan_device(hostdev, state, ctx)
+        except _BadChoice as err:
+            problems.append(f"{hostdev.address}: {err}")
+            bad_input = True
+            continue
         except InputError as err:
             problems.append(f"{hostdev.address}: {err}")
             continue
@@ -149,7 +172,11 @@ def plan_prepare(
             except InputError as err:
                 problems.append(f"{member.address}: {err}")
     steps += companion_steps
-    return Plan(tuple(steps), tuple(problems))
+    return Plan(tuple(steps), tuple(missing + problems), bad_input)
+
+
+class _BadChoice(InputError):
+    """An explicit driver choice that is refused: the caller's input, not the host's state."""
 
 
 def _plan_device(hostdev: HostDev, state: DeviceState, ctx: Context) -> Step:
@@ -160,6 +187,8 @@ def _plan_device(hostdev: HostDev, state: DeviceState, ctx: Context) -> Step:
         "managed": hostdev.managed,
     }
     if hostdev.managed:
+        if hostdev.driver_model is not None:  # libvirt would bind it: the same rule applies
+            _require_vfio(hostdev.driver_model, f"<driver model='{hostdev.driver_model}'/>", ctx)
         if hostdev.address in ctx.config.never_touch:
             raise InputError(
                 "is never_touch in the host config, but managed='yes' lets libvirt rebind it"
@@ -193,9 +222,9 @@ def choose_module(hostdev: HostDev, state: DeviceState, ctx: Context) -> tuple[s
     ]
     for requested, why in explicit:
         if requested:
-            module = canonical_module(requested)
+            module = _require_vfio(requested, why.format(requested), ctx)
             if module != FALLBACK_MODULE and _libvirt_too_old(ctx):
-                raise InputError(
+                raise _BadChoice(
                     f"{why.format(requested)}, but {ctx.libvirt_label} accepts only vfio-pci for "
                     "managed='no' (variant drivers need libvirt >= 10.0)"
                 )
@@ -203,7 +232,19 @@ def choose_module(hostdev: HostDev, state: DeviceState, ctx: Context) -> tuple[s
     return _alias_choice(state, ctx)
 
 
+def _require_vfio(requested: str, source: str, ctx: Context) -> str:
+    if ctx.alias_error:
+        raise InputError(ctx.alias_error)
+    module = ctx.vfio_module(requested)
+    if module is None:
+        raise _BadChoice(f"{source}: {requested} is not a VFIO driver (neither vfio_pci nor a "
+                         "module with a vfio_pci: alias in modules.alias); refusing to bind it")
+    return module
+
+
 def _alias_choice(state: DeviceState, ctx: Context) -> tuple[str, str]:
+    if ctx.alias_error:
+        raise InputError(ctx.alias_error)
     resolution = ctx.aliases.resolve(state.modalias)
     best = resolution.best
     if best is None:

@@ -55,14 +55,47 @@ def test_explicit_variant_on_old_libvirt_is_refused():
     assert "variant drivers need libvirt >= 10.0" in plan.problems[0]
 
 
+PRECEDENCE = AliasTable(parse_modules_alias(
+    "alias vfio_pci:v00001AF4d00001041sv*sd*bc*sc*i* xml_vfio\n"
+    "alias vfio_pci:v00001AF4d00001041sv*sd*bc*sc*i* meta_vfio\n"
+    "alias vfio_pci:v00001AF4d00001041sv*sd*bc*sc*i* cfg_vfio\n"
+    "alias vfio_pci:v*d*sv*sd*bc*sc*i* vfio_pci\n"
+))
+
+
 def test_precedence_xml_model_then_metadata_then_host_config():
     config = Config(driver_overrides={A: "cfg_vfio"})
     policy = VmPolicy(drivers={A: "meta_vfio"})
-    assert plan_prepare([dev(model="xml-vfio")], {A: state()}, {},
-                        ctx(config=config, policy=policy)).steps[0].module == "xml_vfio"
+    c = ctx(config=config, policy=policy, aliases=PRECEDENCE)
+    assert plan_prepare([dev(model="xml-vfio")], {A: state()}, {}, c).steps[0].module == "xml_vfio"
+    assert plan_prepare([dev()], {A: state()}, {}, c).steps[0].module == "meta_vfio"
     assert plan_prepare([dev()], {A: state()}, {},
-                        ctx(config=config, policy=policy)).steps[0].module == "meta_vfio"
-    assert plan_prepare([dev()], {A: state()}, {}, ctx(config=config)).steps[0].module == "cfg_vfio"
+                        ctx(config=config, aliases=PRECEDENCE)).steps[0].module == "cfg_vfio"
+
+
+@pytest.mark.parametrize("where", ["xml", "metadata", "config", "xml-managed-yes"])
+@pytest.mark.parametrize("driver", ["e1000e", "nouveau", "virtio-pci"])
+def test_an_explicit_driver_must_be_a_vfio_driver(where, driver):
+    """<driver model='nouveau'/> or driver = "e1000e" would bind a host driver: bad input."""
+    config = Config(driver_overrides={A: driver}) if where == "config" else Config()
+    policy = VmPolicy(drivers={A: driver}) if where == "metadata" else VmPolicy()
+    device = dev(model=driver if where.startswith("xml") else None, managed=where == "xml-managed-yes")
+    plan = plan_prepare([device], {A: state()}, {}, ctx(config=config, policy=policy))
+    assert plan.steps == () and plan.bad_input
+    (problem,) = plan.problems
+    assert f"{driver} is not a VFIO driver" in problem
+
+
+def test_an_explicit_driver_may_name_the_pci_driver_a_vfio_module_registers():
+    """Module vlt_virtio_vfio_pci registers PCI driver vlt-virtio-vfio: both names work."""
+    aliases = AliasTable(parse_modules_alias(
+        "alias vfio_pci:v00001AF4d00001041sv*sd*bc*sc*i* vlt_virtio_vfio_pci\n"))
+    loaded = {"vlt_virtio_vfio_pci": ["vlt-virtio-vfio"]}
+    for name in ("vlt-virtio-vfio", "vlt_virtio_vfio_pci", "vfio-pci"):
+        plan = plan_prepare([dev(model=name)], {A: state()}, {}, ctx(aliases=aliases, loaded=loaded))
+        assert not plan.problems, name
+    assert plan_prepare([dev(model="vlt-virtio-vfio")], {A: state()}, {},
+                        ctx(aliases=aliases)).bad_input  # not loaded: the name is unknown
 
 
 def test_managed_yes_is_watched_not_bound():
@@ -92,8 +125,9 @@ def test_no_alias_at_all_is_a_problem():
 
 def test_bridge_and_missing_devices_are_problems():
     plan = plan_prepare([dev(), dev(B)], {A: state(is_bridge=True)}, {}, ctx())
-    assert plan.problems == (f"{A}: is a PCI bridge and cannot be assigned",
-                             f"{B}: no such PCI device on this host")
+    # what is wrong with the devices themselves comes first
+    assert plan.problems == (f"{B}: no such PCI device on this host",
+                             f"{A}: is a PCI bridge and cannot be assigned")
 
 
 @pytest.mark.parametrize(("driver", "vfio", "ok"), [
