@@ -88,33 +88,65 @@ class Switcher:
         """Make `driver` (and only it) drive the device, within `seconds`."""
         for attempt in retrying(seconds):
             with attempt:
-                self._move(address, override=driver, target=driver)
+                self._bind_once(address, driver)
 
     def restore(
         self, address: PciAddress, driver: str | None, override: str | None, seconds: float
     ) -> None:
-        """Give the device back to `driver` (None: leave it driverless, as it was)."""
+        """Give the device back to the *recorded* `driver`, then put `override` back.
+
+        Clearing driver_override and probing would let whichever loaded driver matches
+        first take the device (`vfio-pci.ids=`/`new_id` for a twin card, nouveau beside
+        nvidia, a uio driver), and every retry would meet the same wrong driver.  So the
+        override pins the recorded driver for the probe, and the recorded override is
+        written only once that driver holds the device (writing it unbinds nothing).
+        `driver` None: the device had no driver, and is left without one.
+        """
         for attempt in retrying(seconds):
             with attempt:
-                self._move(address, override=override, target=driver)
+                self._restore_once(address, driver, override)
 
-    def _move(self, address: PciAddress, *, override: str | None, target: str | None) -> None:
+    def _bind_once(self, address: PciAddress, driver: str) -> None:
         sysfs = self.sysfs
+        current = sysfs.driver(address)
+        if current != driver:
+            self._release_current(address, current, pin=driver)
+            sysfs.probe(address)
+            now = sysfs.driver(address)
+            if now != driver:
+                # drivers_probe reports success even when nothing bound
+                raise NotYet(f"{driver} did not bind (driver now {now or 'none'})")
+        if sysfs.driver_override(address) != driver:
+            sysfs.set_driver_override(address, driver)
+
+    def _restore_once(self, address: PciAddress, driver: str | None, override: str | None) -> None:
+        sysfs = self.sysfs
+        current = sysfs.driver(address)
+        if current != driver:
+            if driver is not None and not sysfs.driver_registered(driver):
+                # unbinding now would strand the device: wait for the driver to come back
+                raise NotYet(f"its original driver {driver} is not loaded")
+            self._release_current(address, current, pin=driver if driver is not None else override)
+            if driver is not None:
+                sysfs.probe(address)
+                now = sysfs.driver(address)
+                if now != driver:
+                    raise NotYet(f"{driver} did not bind (driver now {now or 'none'})")
         if sysfs.driver_override(address) != override:
             sysfs.set_driver_override(address, override)
-        current = sysfs.driver(address)
-        if current == target:
-            return
+
+    def _release_current(self, address: PciAddress, current: str | None, *, pin: str | None) -> None:
+        """Pin the override to `pin`, then unbind `current`; holders are checked before any write.
+
+        Unbinding a VFIO device that a process still holds blocks in the kernel until it
+        lets go, so a held device is a reason to wait, and nothing is written meanwhile.
+        """
+        sysfs = self.sysfs
+        if current is not None and (holders := sysfs.vfio_holders(address)):
+            raise NotYet(f"still held open by {', '.join(holders)}")
+        if sysfs.driver_override(address) != pin:
+            sysfs.set_driver_override(address, pin)
         if current is not None:
-            if holders := sysfs.vfio_holders(address):
-                raise NotYet(f"still held open by {', '.join(holders)}")
             sysfs.unbind(address)
             if sysfs.driver(address) is not None:
                 raise NotYet(f"{current} did not let go")
-        if target is None:
-            return
-        sysfs.probe(address)
-        now = sysfs.driver(address)
-        if now != target:
-            # drivers_probe reports success even when nothing bound
-            raise NotYet(f"{target} did not bind (driver now {now or 'none'})")

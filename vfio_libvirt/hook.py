@@ -94,7 +94,7 @@ def _release(domain_name: str, dry_run: bool) -> int:
     from vfio_libvirt.lifecycle import Host, release
     from vfio_libvirt.settings import Settings
 
-    host = Host(Settings.from_env())
+    host = Host(Settings.from_env(), config_fallback=True)
     if dry_run:
         for entry in host.journal.read().for_domain(domain_name):
             print(f"{entry.address}: would restore to {entry.original_driver or 'no driver'}")

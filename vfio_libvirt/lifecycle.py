@@ -1,267 +1,277 @@
-"""The three things the hook does, as plain functions the hook and the CLI share.
+"""The things the hook does, as plain functions the hook and the CLI share.
 
-prepare: read state → plan → claim the devices in the journal → switch them; any
-failure rolls back what this run switched.  release: give back what the journal says
-this domain took, with retries; a device that cannot go home is put back on its VFIO
-driver rather than left driverless, and the journal says so.  reconnect: compare
-journal and sysfs, report drift, change nothing.
+prepare: plan and claim under the journal lock → switch; a failure rolls back what
+this run did, and only that.  release: give back what the journal says the domain
+took, with retries; a device that cannot go home stays on its VFIO driver rather than
+driverless, and the journal says so.  The journal entry is the truth about a device's
+original driver: a second prepare without a release (libvirtd restarted, a failed
+restore) keeps it, and a restore binds exactly that driver.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from dataclasses import dataclass
-from functools import cached_property
+import time
+from dataclasses import replace
 
-from vfio_libvirt import libvirt_version
-from vfio_libvirt.aliases import AliasTable
-from vfio_libvirt.apply import Switcher, describe
-from vfio_libvirt.config import Config
+from vfio_libvirt.apply import describe
 from vfio_libvirt.domain import Domain
 from vfio_libvirt.errors import OperationError
+from vfio_libvirt.host import Host, make_plan
 from vfio_libvirt.pci import PciAddress
-from vfio_libvirt.plan import Context, DeviceState, Plan, Step, plan_prepare
-from vfio_libvirt.settings import Settings
-from vfio_libvirt.state import Entry, Journal
-from vfio_libvirt.sysfs import Sysfs
+from vfio_libvirt.plan import Plan, Step
+from vfio_libvirt.state import Entry
+
+__all__ = ["Host", "PlanRefused", "drift", "make_plan", "prepare", "release", "restore_device"]
 
 log = logging.getLogger("vfio_libvirt")
 
-
-@dataclass
-class Host:
-    """The host as the lifecycle sees it, built from Settings (environment)."""
-
-    settings: Settings
-    read_only: bool = False
-    """Plans and dry runs: not even the libvirt-version cache is written."""
-
-    @cached_property
-    def sysfs(self) -> Sysfs:
-        return Sysfs(self.settings.sysfs_root)
-
-    @cached_property
-    def journal(self) -> Journal:
-        return Journal(self.settings.state_dir)
-
-    @cached_property
-    def config(self) -> Config:
-        return Config.load(self.settings.config_path)
-
-    @cached_property
-    def switcher(self) -> Switcher:
-        return Switcher(self.sysfs, self.settings.modprobe)
-
-    @cached_property
-    def aliases(self) -> AliasTable:
-        return AliasTable.load(self.settings.modules_dir)
-
-    @cached_property
-    def libvirt_version(self) -> tuple[int, ...] | None:
-        cache = None if self.read_only else self.settings.state_dir
-        version, source = libvirt_version.detect(self.config, cache)
-        log.debug("libvirt version %s from %s", version, source)
-        return version
-
-    def device_state(self, address: PciAddress) -> DeviceState:
-        s = self.sysfs
-        s.require(address)
-        return DeviceState(
-            address=address,
-            driver=s.driver(address),
-            driver_override=s.driver_override(address),
-            modalias=s.modalias(address),
-            iommu_group=s.iommu_group(address),
-            has_vfio_dev=s.has_vfio_dev(address),
-            is_bridge=s.is_bridge(address),
-        )
+WAIT_POLL = 0.05
+"""Seconds between looks at a device another domain is still giving back."""
+NEEDS_AN_ADMIN = {"restore-failed"}
+"""Another domain's entries in these states are refused at once: waiting will not help."""
 
 
 class PlanRefused(OperationError):
-    pass
+    """The plan has problems; nothing was written.  Exit 2 when the input is at fault."""
+
+    def __init__(self, plan: Plan) -> None:
+        more = f" (and {len(plan.problems) - 1} more)" if len(plan.problems) > 1 else ""
+        super().__init__(plan.problems[0] + more)
+        self.exit_code = 2 if plan.bad_input else 1
 
 
-def make_plan(host: Host, domain: Domain) -> Plan:
-    """Read what the plan needs from the host and plan `prepare`; writes nothing."""
-    states: dict[PciAddress, DeviceState] = {}
-    groups: dict[str, list[DeviceState]] = {}
-    for hostdev in domain.hostdevs:
-        if not host.sysfs.exists(hostdev.address):
-            continue
-        state = states[hostdev.address] = host.device_state(hostdev.address)
-        if state.iommu_group and state.iommu_group not in groups and not hostdev.managed:
-            groups[state.iommu_group] = [
-                states.get(m) or host.device_state(m)
-                for m in host.sysfs.iommu_group_members(state.iommu_group)
-            ]
-    unmanaged = any(not h.managed for h in domain.hostdevs)
-    modules = {
-        name: host.sysfs.module_pci_drivers(name)
-        for name in {a.module for a in host.aliases.aliases}
-    } if unmanaged else {}
-    ctx = Context(
-        aliases=host.aliases if unmanaged else AliasTable(),
-        config=host.config,
-        vm_policy=domain.policy,
-        libvirt_version=host.libvirt_version,
-        module_drivers=modules,
-    )
-    return plan_prepare(domain.hostdevs, states, groups, ctx)
-
-
+# --- prepare ---------------------------------------------------------------------------
 def prepare(host: Host, domain: Domain) -> Plan:
     """Bind every managed='no' device of `domain` to its VFIO driver, or change nothing."""
-    plan = make_plan(host, domain)
-    if plan.problems:
-        more = f" (and {len(plan.problems) - 1} more)" if len(plan.problems) > 1 else ""
-        raise PlanRefused(plan.problems[0] + more)
-    claimed = _claim(host, domain, plan)
+    plan, claimed, before = _plan_and_claim(host, domain)
     switched: list[Step] = []
     for step in plan.steps:
         if step.action != "bind":
             continue
         entry = claimed[str(step.address)]
         try:
-            _journal_status(host, entry, "switching")
             switched.append(step)
-            driver = host.switcher.driver_for_module(step.module or "")
-            entry.target_driver = driver
-            host.switcher.bind(step.address, driver, host.config.bind_timeout)
+            entry.target_driver = host.switcher.driver_for_module(step.module or "")
+            _journal_status(host, entry, "switching")
+            host.switcher.bind(step.address, entry.target_driver, host.config.bind_timeout)
         except Exception as err:
             cause = describe(err)
             log.error("%s %s: bind to %s failed: %s", domain.name, step.address, step.module, cause)
-            undone = _rollback(host, domain.name, claimed, switched)
+            undone = _rollback(host, domain.name, claimed, before, switched)
             raise OperationError(
                 f"{step.address}: cannot bind {step.module}: {cause}; rolled back {undone} device(s)"
             ) from None
         _journal_status(host, entry, "bound")
-        log.info("%s %s: bound to %s (%s)", domain.name, step.address, driver, step.reason)
+        log.info("%s %s: bound to %s (%s)", domain.name, step.address, entry.target_driver, step.reason)
     for step in plan.steps:
         if step.action != "bind":
             log.info("%s %s: %s: %s", domain.name, step.address, step.action, step.reason)
     return plan
 
 
-def _claim(host: Host, domain: Domain, plan: Plan) -> dict[str, Entry]:
-    """Record every device this domain will use, or refuse if another domain holds one."""
-    with host.journal.transaction() as entries:
-        for step in plan.steps:
-            entry = entries.get(str(step.address))
-            if entry is not None and entry.domain != domain.name:
-                raise OperationError(
-                    f"{step.address} is in use by domain {entry.domain} ({entry.status}); "
-                    f"if that domain is gone, run: vfio-libvirt restore --domain {entry.domain}"
-                )
-        claimed: dict[str, Entry] = {}
-        for step in plan.steps:
-            if step.action == "skip":
-                continue  # never journaled: the hook does not touch it
-            key = str(step.address)
-            old = entries.get(key)
-            entries[key] = claimed[key] = Entry(
-                address=key,
-                domain=domain.name,
-                uuid=domain.uuid,
-                # the actions bind/watch/keep are the journal's roles
-                role="companion" if step.companion else step.action,  # type: ignore[arg-type]
-                # a domain started again without a release keeps its first originals
-                original_driver=old.original_driver if old else step.original_driver,
-                original_override=old.original_override if old else step.original_override,
-                status="watching" if step.action == "watch" else
-                "bound" if step.action == "keep" else "claimed",
-                target_module=step.module,
-                target_driver=step.original_driver if step.action == "keep" else None,
-                reason=step.reason,
+def _plan_and_claim(host: Host, domain: Domain) -> tuple[Plan, dict[str, Entry], dict[str, Entry | None]]:
+    """Plan from sysfs and claim in the journal under one lock, so no stop can slip between.
+
+    libvirt frees a stopping domain's devices before its `release` hook has given them
+    back, so a start can plan while another domain's restore is mid-way and record a
+    VFIO driver (or none) as the original.  Reading the devices under the journal lock,
+    and waiting while another domain's entry still holds one, closes that window.
+    """
+    host.libvirt_version  # noqa: B018 -- may run `virtqemud --version`: not under the lock
+    deadline = time.monotonic() + host.config.bind_timeout
+    while True:
+        with host.journal.transaction() as entries:
+            plan = make_plan(host, domain)
+            if plan.problems:
+                raise PlanRefused(plan)
+            holder = _other_holder(entries, domain.name, plan)
+            if holder is None:
+                before = {str(s.address): entries.get(str(s.address)) for s in plan.steps}
+                return plan, _claim(entries, domain, plan), before
+        if time.monotonic() >= deadline:
+            address, entry = holder
+            raise OperationError(
+                f"{address} is in use by domain {entry.domain} ({entry.status}) and was not given "
+                f"back within {host.config.bind_timeout:g} s; if that domain is gone, run: "
+                f"vfio-libvirt restore --domain {entry.domain}"
             )
+        time.sleep(WAIT_POLL)
+
+
+def _other_holder(entries: dict[str, Entry], domain: str, plan: Plan) -> tuple[str, Entry] | None:
+    """Another domain's entry to wait for, or None; raises where waiting cannot help."""
+    blocked: dict[str, str] = getattr(entries, "blocked", {})
+    for step in plan.steps:
+        key = str(step.address)
+        if key in blocked and step.action in ("bind", "keep"):
+            raise OperationError(f"{key}: {blocked[key]}")
+        entry = entries.get(key)
+        if entry is None or entry.domain == domain:
+            continue
+        if entry.status in NEEDS_AN_ADMIN:
+            raise OperationError(
+                f"{key} is in use by domain {entry.domain} ({entry.status}: {entry.error}); "
+                f"fix it, then run: vfio-libvirt restore --domain {entry.domain}"
+            )
+        return key, entry
+    return None
+
+
+def _claim(entries: dict[str, Entry], domain: Domain, plan: Plan) -> dict[str, Entry]:
+    """Record every device this domain will use; an older entry of its own is kept as truth."""
+    blocked: dict[str, str] = getattr(entries, "blocked", {})
+    claimed: dict[str, Entry] = {}
+    for step in plan.steps:
+        key = str(step.address)
+        if step.action == "skip":
+            continue  # never journaled: the hook does not touch it
+        if key in blocked:  # only a managed='yes' watch gets here: libvirt binds it anyway
+            log.warning("%s %s: not watched: %s", domain.name, key, blocked[key])
+            continue
+        role = "companion" if step.companion else step.action
+        status = {"watch": "watching", "keep": "bound"}.get(step.action, "claimed")
+        old = entries.get(key)
+        if old is None:
+            entry = Entry(
+                address=key, domain=domain.name, uuid=domain.uuid,
+                role=role,  # type: ignore[arg-type]  # bind/watch/keep are journal roles
+                original_driver=step.original_driver, original_override=step.original_override,
+                status=status,  # type: ignore[arg-type]
+            )
+        else:
+            # Started again without a release: what the device had before *this domain*
+            # first took it stays the truth; a role that owns a restore stays so.
+            entry = replace(old, uuid=domain.uuid)
+            if old.role not in ("bind", "companion"):
+                entry.role = role  # type: ignore[assignment]
+            entry.touch(status)  # type: ignore[arg-type]
+        entry.target_module = step.module
+        entry.target_driver = step.original_driver if step.action == "keep" else entry.target_driver
+        entry.reason = step.reason
+        entries[key] = claimed[key] = entry
     return claimed
 
 
-def _journal_status(host: Host, entry: Entry, status: str, error: str = "") -> None:
+def _journal_status(host: Host, entry: Entry, status: str, error: str = "") -> bool:
+    """Record `entry` with a new status, unless it is no longer this domain's to record."""
     entry.touch(status, error)  # type: ignore[arg-type]
     with host.journal.transaction() as entries:
+        current = entries.get(entry.address)
+        if current is None or current.domain != entry.domain:
+            return False
         entries[entry.address] = entry
+    return True
 
 
-def _rollback(host: Host, domain: str, claimed: dict[str, Entry], switched: list[Step]) -> int:
-    """Undo this run: switched devices go back, and the domain's claims are dropped."""
+def _rollback(
+    host: Host, domain: str, claimed: dict[str, Entry], before: dict[str, Entry | None],
+    switched: list[Step],
+) -> int:
+    """Undo this run and nothing else: devices back to how it found them, entries too."""
     undone = 0
     for step in reversed(switched):
         entry = claimed[str(step.address)]
-        if _restore_entry(host, entry):
+        if _restore_entry(host, entry, step.original_driver, step.original_override):
             undone += 1
     with host.journal.transaction() as entries:
         for key in claimed:
             current = entries.get(key)
-            if current and current.domain == domain and current.status != "restore-failed":
+            if current is None or current.domain != domain or current.status == "restore-failed":
+                continue
+            if (older := before[key]) is None:
                 del entries[key]
+            else:
+                entries[key] = older
     return undone
 
 
+# --- release and restore ---------------------------------------------------------------
 def release(host: Host, domain_name: str) -> list[str]:
     """Give back everything the journal says `domain_name` took; return the failures."""
     failures = []
     for entry in host.journal.read().for_domain(domain_name):
-        if entry.role != "keep" and not _restore_entry(host, entry):
+        if entry.role != "keep" and not _restore_entry(
+            host, entry, entry.original_driver, entry.original_override
+        ):
             failures.append(f"{entry.address}: {entry.error}")
             continue
-        with host.journal.transaction() as entries:
-            entries.pop(entry.address, None)
+        _forget(host, entry)
     return failures
 
 
+def _forget(host: Host, entry: Entry) -> None:
+    with host.journal.transaction() as entries:
+        current = entries.get(entry.address)
+        if current is not None and current.domain == entry.domain:
+            del entries[entry.address]
+
+
 def restore_device(host: Host, bdf: str) -> str:
-    """Give one device back: per the journal if it is there, else to whatever host driver probes."""
+    """Give one device back: per the journal if it is there; otherwise only if it needs it."""
     address = PciAddress.parse(bdf)
     host.sysfs.require(address)
-    entry = host.journal.read().entries.get(str(address))
+    snapshot = host.journal.read()
+    entry = snapshot.entries.get(str(address))
     if entry is not None:
-        if not _restore_entry(host, entry):
+        if not _restore_entry(host, entry, entry.original_driver, entry.original_override):
             raise OperationError(f"{address}: {entry.error}")
-        with host.journal.transaction() as entries:
-            entries.pop(entry.address, None)
+        _forget(host, entry)
         return f"{address}: restored to {entry.original_driver or 'no driver'} (from the journal)"
+    blocked: dict[str, str] = getattr(snapshot, "blocked", {})
+    if str(address) in blocked:
+        raise OperationError(f"{address}: {blocked[str(address)]}")
+    return _restore_unjournaled(host, address)
+
+
+def _restore_unjournaled(host: Host, address: PciAddress) -> str:
+    """A device the journal does not know: hand it to a host driver, if it is not on one.
+
+    A mistyped address must not drop a NIC's link or the root disk, so a device on a
+    host driver is left alone, and a held one is refused before anything is written.
+    """
     sysfs = host.sysfs
     before = sysfs.driver(address)
-    sysfs.set_driver_override(address, None)
+    if before is not None and not host.on_vfio_driver(address):
+        return f"{address}: not in the journal and on host driver {before}: nothing to do"
+    if before is not None and (holders := sysfs.vfio_holders(address)):
+        raise OperationError(f"{address}: still held open by {', '.join(holders)}; nothing changed")
+    override = sysfs.driver_override(address)
+    if override is not None:
+        sysfs.set_driver_override(address, None)
     if before is not None:
-        if holders := sysfs.vfio_holders(address):
-            raise OperationError(f"{address}: still held open by {', '.join(holders)}")
         sysfs.unbind(address)
     sysfs.probe(address)
     after = sysfs.driver(address)
-    if after is None:
-        if before is not None:
-            host.switcher.bind(address, before, host.config.bind_timeout)
-        raise OperationError(f"{address}: no host driver bound; left on {before or 'no driver'}")
-    return f"{address}: not in the journal; now on {after} (was {before or 'no driver'})"
+    if after is not None and not host.on_vfio_driver(address):
+        return f"{address}: not in the journal; now on {after} (was {before or 'no driver'})"
+    # No host driver wants it: put it back exactly as it was.
+    host.switcher.restore(address, before, override, host.config.restore_timeout)
+    raise OperationError(f"{address}: no host driver takes it; left on {before or 'no driver'}")
 
 
-def _restore_entry(host: Host, entry: Entry) -> bool:
-    """Send one device home; on failure keep it on its VFIO driver and record why."""
+def _restore_entry(host: Host, entry: Entry, driver: str | None, override: str | None) -> bool:
+    """Send one device to `driver`; on failure keep it on its VFIO driver and record why."""
     address = PciAddress.parse(entry.address)
     if not host.sysfs.exists(address):
         log.warning("%s %s: device is gone; forgetting it", entry.domain, address)
         return True
     current = host.sysfs.driver(address)
-    if entry.role == "watch" and current == entry.original_driver:
-        return True
-    if entry.role == "watch":
+    if entry.role == "watch" and current != driver:
         log.warning("%s %s: libvirt left it on %s, not %s; restoring", entry.domain, address,
-                    current or "no driver", entry.original_driver or "no driver")
-    _journal_status(host, entry, "restoring")
+                    current or "no driver", driver or "no driver")
+    if not _journal_status(host, entry, "restoring"):
+        return True  # someone else (a concurrent restore) finished it
     try:
-        host.switcher.restore(
-            address, entry.original_driver, entry.original_override, host.config.restore_timeout
-        )
+        host.switcher.restore(address, driver, override, host.config.restore_timeout)
     except Exception as err:
         cause = describe(err)
         fallback = _fallback_to_vfio(host, entry, address)
         _journal_status(host, entry, "restore-failed", f"{cause}; {fallback}")
         log.error("%s %s: cannot restore %s: %s; %s", entry.domain, address,
-                  entry.original_driver or "no driver", cause, fallback)
+                  driver or "no driver", cause, fallback)
         return False
-    log.info("%s %s: restored to %s", entry.domain, address, entry.original_driver or "no driver")
+    log.info("%s %s: restored to %s", entry.domain, address, driver or "no driver")
     return True
 
 
@@ -269,22 +279,25 @@ def _fallback_to_vfio(host: Host, entry: Entry, address: PciAddress) -> str:
     """Never leave a device silently driverless: put it back on the VFIO driver it had."""
     current = host.sysfs.driver(address)
     if current is not None:
-        # the restore may have cleared the override already; pin it again so no
-        # later probe hands a device someone still holds to the host driver
-        with contextlib.suppress(OSError):
-            host.sysfs.set_driver_override(address, current)
+        # pin it, so that no later probe hands a device someone still holds to a host driver
+        try:
+            if host.sysfs.driver_override(address) != current:
+                host.sysfs.set_driver_override(address, current)
+        except OSError:
+            pass
         return f"left on {current}"
     if not entry.target_driver:
         return "left with no driver"
     try:
         host.switcher.bind(address, entry.target_driver, host.config.bind_timeout)
     except Exception as err:
-        return f"and could not return it to {entry.target_driver} either ({describe(err)})"
+        return f"and could not return it to {entry.target_driver} either ({describe(err)}): no driver"
     return f"kept on {entry.target_driver}"
 
 
+# --- drift -----------------------------------------------------------------------------
 def drift(host: Host, domain_name: str | None = None) -> list[str]:
-    """Where sysfs disagrees with the journal (for reconnect and `status`); changes nothing."""
+    """Where sysfs disagrees with the journal (for reconnect, `status`, `doctor`); changes nothing."""
     found = []
     for entry in host.journal.read().entries.values():
         if domain_name is not None and entry.domain != domain_name:
@@ -293,6 +306,11 @@ def drift(host: Host, domain_name: str | None = None) -> list[str]:
         if not host.sysfs.exists(address):
             found.append(f"{address}: in the journal for {entry.domain} but gone from the host")
             continue
+        if getattr(entry, "is_stale", lambda: False)():
+            found.append(f"{address}: {entry.domain}'s entry is stuck in {entry.status} since "
+                         f"{time.strftime('%H:%M:%S', time.localtime(entry.updated))} and its process "
+                         f"is gone; run: vfio-libvirt restore --domain {entry.domain}")
+            continue
         current = host.sysfs.driver(address)
         expected = _expected_driver(entry)
         if expected is not None and current != expected:
@@ -300,7 +318,7 @@ def drift(host: Host, domain_name: str | None = None) -> list[str]:
                 f"{address}: journal says {entry.domain} has it on {expected}, "
                 f"sysfs says {current or 'no driver'}"
             )
-        elif entry.role == "watch" and not host.sysfs.has_vfio_dev(address) and current != "vfio-pci":
+        elif entry.role == "watch" and not host.on_vfio_driver(address):
             found.append(f"{address}: {entry.domain} (managed='yes') runs but the device is on "
                          f"{current or 'no driver'}, not a VFIO driver")
     return found
@@ -310,4 +328,3 @@ def _expected_driver(entry: Entry) -> str | None:
     if entry.role in ("bind", "companion", "keep") and entry.status == "bound":
         return entry.target_driver or entry.original_driver
     return None
-

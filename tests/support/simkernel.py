@@ -44,8 +44,11 @@ class Faults:
     """BDF → how many unbind attempts fail with EBUSY."""
     probe_binds_nothing: dict[str, int] = field(default_factory=dict)
     """BDF → how many drivers_probe writes bind nothing (-1: forever)."""
+    probe_fails: dict[str, set[str]] = field(default_factory=dict)
+    """BDF → drivers whose probe() fails for it (the device stays without a driver)."""
     write_delay: float = 0.0
     crash_after_writes: int | None = None
+    """Raise SimCrash once `all_writes` (sysfs writes and journal saves) reaches this."""
 
 
 class SimKernel:
@@ -59,19 +62,29 @@ class SimKernel:
         (self.root / "proc").mkdir(exist_ok=True)
         self.faults = Faults()
         self.writes: list[tuple[str, str]] = []
+        """sysfs writes, in order."""
+        self.journal_writes = 0
+        self.all_writes = 0
+        """sysfs writes and journal saves: `crash_after_writes` counts these."""
         self._vfio_minor = 0
         self._save_catalog({"modules": {}, "failing": []})
 
     # --- building the host ---------------------------------------------------------
     def add_module(
         self, module: str, driver: str, *, ids: list[str] | None = None, vfio: bool = False,
-        aliases: list[str] | None = None, loaded: bool = False,
+        aliases: list[str] | None = None, loaded: bool = False, probed_first: bool = False,
     ) -> None:
-        """A module that, once loaded, registers PCI driver `driver` matching `ids` (fnmatch)."""
+        """A module that, once loaded, registers PCI driver `driver` matching `ids` (fnmatch).
+
+        Drivers are tried in catalog order, like the kernel's bus driver list;
+        `probed_first` puts this one ahead of every other (a driver that registered earlier).
+        """
         catalog = self._catalog()
-        catalog["modules"][module] = {
-            "driver": driver, "ids": ids or [], "vfio": vfio, "aliases": aliases or [],
-        }
+        info = {"driver": driver, "ids": ids or [], "vfio": vfio, "aliases": aliases or []}
+        if probed_first:
+            catalog["modules"] = {module: info, **catalog["modules"]}
+        else:
+            catalog["modules"][module] = info
         self._save_catalog(catalog)
         if loaded:
             register_module(self.root, module)
@@ -161,9 +174,7 @@ class SimKernel:
             self._probe(value.strip())
         else:
             raise OSError(errno.EACCES, f"simulator: no such write target {path.name}")
-        limit = self.faults.crash_after_writes
-        if limit is not None and len(self.writes) >= limit:
-            raise SimCrash(f"crash after write {len(self.writes)}: {path.name} {value!r}")
+        self._after_write(path.name, value)
 
     def _unbind(self, driver: str, bdf: str) -> None:
         if self.faults.unbind_ebusy.get(bdf, 0) > 0:
@@ -189,15 +200,17 @@ class SimKernel:
         modalias = (dev / "modalias").read_text().strip()
         registered = {p.name for p in self.drivers.iterdir()}
         catalog = self._catalog()["modules"]
+        failing = self.faults.probe_fails.get(bdf, set())
         if override is not None:
-            if override in registered:
+            if override in registered and override not in failing:
                 self._bind(bdf, override)
             return
         for info in catalog.values():
             if info["driver"] in registered and not info["vfio"] and any(
                 fnmatch.fnmatchcase(modalias, pattern) for pattern in info["ids"]
             ):
-                self._bind(bdf, info["driver"])
+                if info["driver"] not in failing:
+                    self._bind(bdf, info["driver"])
                 return
 
     def _bind(self, bdf: str, driver: str) -> None:
@@ -218,10 +231,27 @@ class SimKernel:
         (self.root / CATALOG).write_text(json.dumps(catalog))
 
     def install(self, monkeypatch) -> SimKernel:
+        """Route the product's sysfs writes here, and count its journal saves as writes too,
+        so a crash can be injected after any write the hook makes."""
+        import vfio_libvirt.state
         import vfio_libvirt.sysfs
 
         monkeypatch.setattr(vfio_libvirt.sysfs, "_write", self.write)
+        save = vfio_libvirt.state.Journal._save
+
+        def counted_save(journal, *args, **kwargs):
+            save(journal, *args, **kwargs)
+            self.journal_writes += 1
+            self._after_write("journal", "")
+
+        monkeypatch.setattr(vfio_libvirt.state.Journal, "_save", counted_save)
         return self
+
+    def _after_write(self, what: str, value: str) -> None:
+        self.all_writes += 1
+        limit = self.faults.crash_after_writes
+        if limit is not None and self.all_writes >= limit:
+            raise SimCrash(f"crash after write {self.all_writes}: {what} {value!r}")
 
 
 def register_module(root: Path, module: str) -> None:

@@ -1,0 +1,121 @@
+"""The host as the lifecycle sees it: sysfs, journal, config, aliases, libvirt version.
+
+Everything is built lazily from `Settings` (the environment), so a hook run for an op
+it ignores never pays for it, and tests redirect every path at once.  `make_plan`
+reads what a plan needs from here and hands it to the pure planner; it writes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import cached_property
+
+from vfio_libvirt import libvirt_version
+from vfio_libvirt.aliases import AliasTable
+from vfio_libvirt.apply import Switcher
+from vfio_libvirt.config import Config
+from vfio_libvirt.domain import Domain
+from vfio_libvirt.errors import InputError, VfioLibvirtError
+from vfio_libvirt.pci import PciAddress
+from vfio_libvirt.plan import Context, DeviceState, Plan, plan_prepare
+from vfio_libvirt.settings import Settings
+from vfio_libvirt.state import Journal
+from vfio_libvirt.sysfs import Sysfs
+
+log = logging.getLogger("vfio_libvirt")
+
+
+@dataclass
+class Host:
+    settings: Settings
+    read_only: bool = False
+    """Plans and dry runs: not even the libvirt-version cache is written."""
+    config_fallback: bool = False
+    """Restores: a config that cannot be parsed means the defaults (logged), because a
+    typo made while a VM runs must never keep its devices from going home."""
+
+    @cached_property
+    def sysfs(self) -> Sysfs:
+        return Sysfs(self.settings.sysfs_root)
+
+    @cached_property
+    def journal(self) -> Journal:
+        return Journal(self.settings.state_dir)
+
+    @cached_property
+    def config(self) -> Config:
+        """The safe reading of the host config; every problem in it is logged."""
+        path = self.settings.config_path
+        try:
+            config = Config.load(path)
+        except InputError as err:
+            if not self.config_fallback:
+                raise
+            log.error("%s; restoring with the default settings instead", err)
+            return Config()
+        for problem in getattr(config, "problems", ()):  # TODO(config): drop getattr
+            log.warning("config: %s (using the safe reading)", problem)
+        return config
+
+    @cached_property
+    def switcher(self) -> Switcher:
+        return Switcher(self.sysfs, self.settings.modprobe)
+
+    @cached_property
+    def aliases(self) -> AliasTable:
+        return AliasTable.load(self.settings.modules_dir)
+
+    @cached_property
+    def libvirt_version(self) -> tuple[int, ...] | None:
+        cache = None if self.read_only else self.settings.state_dir
+        version, source = libvirt_version.detect(self.config, cache)
+        log.debug("libvirt version %s from %s", version, source)
+        return version
+
+    def device_state(self, address: PciAddress) -> DeviceState:
+        s = self.sysfs
+        s.require(address)
+        return DeviceState(
+            address=address,
+            driver=s.driver(address),
+            driver_override=s.driver_override(address),
+            modalias=s.modalias(address),
+            iommu_group=s.iommu_group(address),
+            has_vfio_dev=s.has_vfio_dev(address),
+            is_bridge=s.is_bridge(address),
+        )
+
+    def on_vfio_driver(self, address: PciAddress) -> bool:
+        return self.sysfs.has_vfio_dev(address) or self.sysfs.driver(address) == "vfio-pci"
+
+
+def make_plan(host: Host, domain: Domain) -> Plan:
+    """Read what the plan needs from the host and plan `prepare`; writes nothing."""
+    states: dict[PciAddress, DeviceState] = {}
+    groups: dict[str, list[DeviceState]] = {}
+    for hostdev in domain.hostdevs:
+        if not host.sysfs.exists(hostdev.address):
+            continue  # the planner reports it, before anything else
+        state = states[hostdev.address] = host.device_state(hostdev.address)
+        if state.iommu_group and state.iommu_group not in groups and not hostdev.managed:
+            groups[state.iommu_group] = [
+                states.get(m) or host.device_state(m)
+                for m in host.sysfs.iommu_group_members(state.iommu_group)
+            ]
+    aliases, alias_error, modules = AliasTable(), None, {}
+    if any(not h.managed or h.driver_model for h in domain.hostdevs):
+        try:
+            aliases = host.aliases
+        except VfioLibvirtError as err:
+            alias_error = str(err)
+        modules = {name: host.sysfs.module_pci_drivers(name) for name in {a.module for a in aliases.aliases}}
+    ctx = Context(
+        aliases=aliases,
+        config=host.config,
+        vm_policy=domain.policy,
+        libvirt_version=host.libvirt_version,
+        module_drivers=modules,
+        alias_error=alias_error,
+    )
+    return plan_prepare(domain.hostdevs, states, groups, ctx)
