@@ -6,29 +6,57 @@ exclusive `flock` on a lock file, and every write is tmp + fsync + rename + fsyn
 the directory, so a crash leaves either the old or the new journal, never half of one.
 Entries are written before a device is touched: after a crash the journal still
 names the original driver, and `vfio-libvirt restore --domain` finishes the job.
+
+A journal this version cannot fully read (a newer vfio-libvirt wrote it, or it is
+damaged) must neither stop every VM nor be lost: what cannot be read is kept verbatim
+and blocks only the devices it names.  An unreadable entry stays in the file as is; an
+unreadable file is set aside as `journal.unreadable.<UTC time>.json` by the first
+writer, and every load scans those files, so their devices stay blocked until an
+admin removes them.  Unknown fields are kept on rewrite, so a downgrade loses nothing.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
+import logging
 import os
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
-from vfio_libvirt.errors import OperationError
+from vfio_libvirt.errors import InputError, OperationError
+from vfio_libvirt.pci import PciAddress
 
 Role = Literal["bind", "companion", "watch", "keep"]
 """bind/companion: the hook switched it and owns the restore; watch: libvirt switches it
 (managed='yes') and the hook checks it came back; keep: it was on a VFIO driver before."""
 Status = Literal["claimed", "switching", "bound", "watching", "restoring", "restore-failed"]
 
+SCHEMA_VERSION = 1
 JOURNAL = "journal.json"
 LOCK = "journal.lock"
+UNREADABLE_GLOB = "journal.unreadable.*.json"
+_MAX_READ = 4 << 20  # no journal of ours comes near this; bounds what a hook reads
+_TRANSIENT = frozenset({"claimed", "switching", "restoring"})
+_BDF_TEXT = re.compile(r"[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-9a-fA-F]")
+_JSON_TYPE = {dict: "object", list: "array", str: "string", int: "number", float: "number",
+              bool: "boolean", type(None): "null"}
+# every field this version knows, with the JSON types it accepts; the first 7 are required
+_FIELDS: dict[str, tuple[type, ...]] = {
+    "address": (str,), "domain": (str,), "uuid": (str, type(None)), "role": (str,),
+    "original_driver": (str, type(None)), "original_override": (str, type(None)),
+    "status": (str,), "target_module": (str, type(None)), "target_driver": (str, type(None)),
+    "reason": (str,), "error": (str,), "updated": (int, float), "pid": (int, type(None)),
+}
+_REQUIRED = tuple(_FIELDS)[:7]
+
+log = logging.getLogger("vfio_libvirt")
 
 
 @dataclass
@@ -45,31 +73,79 @@ class Entry:
     reason: str = ""
     error: str = ""
     updated: float = field(default_factory=time.time)
+    pid: int | None = field(default_factory=os.getpid)
+    """The process that last wrote the entry: a transient status whose writer is gone
+    is what a crashed run left behind.  None when a writer older than the field made it."""
+    extra: dict[str, object] = field(default_factory=dict)
+    """Fields a newer version wrote; written back as they were, beside the known ones."""
 
     def touch(self, status: Status, error: str = "") -> None:
         self.status = status
         self.error = error
         self.updated = time.time()
+        self.pid = os.getpid()
+
+    def is_stale(self, now: float | None = None, max_age: float = 120.0) -> bool:
+        """True for a claimed/switching/restoring entry nobody is working on any more.
+
+        Its writer is gone, unknown, or it has not moved for `max_age` seconds (a pid
+        can be reused, so a live pid alone does not prove the run is still going).
+        """
+        if self.status not in _TRANSIENT:
+            return False
+        age = (time.time() if now is None else now) - self.updated
+        return self.pid is None or age > max_age or not _alive(self.pid)
+
+    def to_json(self) -> dict[str, object]:
+        known = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        return {**self.extra, **known}
+
+
+class Entries(dict[str, Entry]):
+    """The entries a transaction changes, by BDF, plus what this version cannot read.
+
+    `blocked` (BDF -> one-line reason) and `problems` (one line per unreadable file or
+    entry) let code inside a transaction refuse devices an unreadable journal names.
+    Entries this version cannot read are kept in `opaque` and written back verbatim;
+    assigning a real Entry to such a BDF replaces the opaque one: that is the caller's
+    explicit decision, so make it only for a device that is known to be safe.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocked: dict[str, str] = {}
+        self.problems: tuple[str, ...] = ()
+        self.opaque: dict[str, object] = {}
+        self.unknown: dict[str, object] = {}  # unknown top-level keys of the journal
 
 
 class Journal:
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, lock_timeout: float = 30.0) -> None:
         self.dir = state_dir
+        self.lock_timeout = lock_timeout
 
     @property
     def path(self) -> Path:
         return self.dir / JOURNAL
 
     def read(self) -> Snapshot:
-        """A consistent copy, taken under the lock; for looking, not for changing."""
+        """A consistent copy, taken under the lock; for looking, not for changing.
+
+        Never renames or writes anything: an unreadable journal is only reported.
+        """
         with self._lock(exclusive=False):
-            return Snapshot(self._load())
+            loaded = self._load(set_aside=False)
+        return Snapshot(dict(loaded), dict(loaded.blocked), loaded.problems)
 
     @contextmanager
-    def transaction(self) -> Iterator[dict[str, Entry]]:
-        """Yield the entries (by BDF) to change in place; saved atomically on a clean exit."""
+    def transaction(self) -> Iterator[Entries]:
+        """Yield the entries (by BDF) to change in place; saved atomically on a clean exit.
+
+        An unreadable journal file is first set aside (never overwritten), and the
+        transaction starts from an empty journal whose `blocked` names its devices.
+        """
         with self._lock(exclusive=True):
-            entries = self._load()
+            entries = self._load(set_aside=True)
             before = _serialise(entries)
             yield entries
             if _serialise(entries) != before:
@@ -77,30 +153,82 @@ class Journal:
 
     # --- internals ---------------------------------------------------------------
     @contextmanager
-    def _lock(self, *, exclusive: bool) -> Iterator[None]:
+    def _lock(self, *, exclusive: bool, timeout: float | None = None) -> Iterator[None]:
+        """Hold the journal lock, waiting at most `timeout` seconds: libvirt has no
+        timeout on hooks, so a hook stuck here would hang the daemon's VM start."""
+        timeout = self.lock_timeout if timeout is None else timeout
+        path = self.dir / LOCK
         try:
             self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(self.dir / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as err:
             raise OperationError(f"state dir {self.dir}: {err.strerror}") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise OperationError(
+                            f"journal lock {path} held by another process for {timeout:g}s"
+                        ) from None
+                    time.sleep(0.02)
             yield
         finally:
             os.close(fd)
 
-    def _load(self) -> dict[str, Entry]:
-        try:
-            raw = json.loads(self.path.read_text())
-            return {bdf: Entry(**value) for bdf, value in raw["devices"].items()}
-        except FileNotFoundError:
-            return {}
-        except (ValueError, KeyError, TypeError) as err:
-            raise OperationError(
-                f"journal {self.path} is unreadable ({err}); it is kept as is for inspection"
-            ) from None
+    def _load(self, *, set_aside: bool) -> Entries:
+        entries = Entries()
+        problems: list[str] = []
+        data = _read(self.path)
+        if data is not None:
+            doc, why, names = _examine(data)
+            if doc is None and set_aside:
+                self._set_aside(why, names)  # picked up by the scan below
+            elif doc is None:
+                _block_file(entries, problems, self.path, why, names)
+            else:
+                entries.unknown = {k: v for k, v in doc.items() if k not in ("version", "devices")}
+                devices: dict[str, object] = doc["devices"]  # type: ignore[assignment]
+                for key, raw in devices.items():
+                    try:
+                        entries[key] = _parse_entry(key, raw)
+                    except _Unreadable as err:
+                        entries.opaque[key] = raw
+                        _block_entry(entries, problems, self.path, key, str(err))
+        for aside in sorted(self.dir.glob(UNREADABLE_GLOB)):
+            try:
+                data = _read(aside)
+            except OperationError as err:
+                _block_file(entries, problems, aside, str(err), [])
+                continue
+            if data is None:
+                continue  # removed since the listing
+            doc, why, names = _examine(data)
+            _block_file(entries, problems, aside, why or "set aside as unreadable", names)
+        entries.problems = tuple(problems)
+        return entries
 
-    def _save(self, entries: dict[str, Entry]) -> None:
+    def _set_aside(self, why: str, names: list[str]) -> Path:
+        """Move an unreadable journal out of the way without overwriting anything."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        for n in range(1000):
+            target = self.dir / f"journal.unreadable.{stamp}{f'-{n}' if n else ''}.json"
+            try:
+                _move_no_replace(self.path, target)
+                _fsync_dir(self.dir)
+            except FileExistsError:
+                continue
+            except OSError as err:
+                raise OperationError(f"cannot set aside {self.path}: {err.strerror}") from None
+            log.error("journal %s is unreadable (%s); set aside as %s; it names %s, which stay "
+                      "blocked until it is removed", self.path, why, target, ", ".join(names) or "nothing")
+            return target
+        raise OperationError(f"cannot set aside {self.path}: too many unreadable journals")
+
+    def _save(self, entries: Entries) -> None:
         tmp = self.dir / f".{JOURNAL}.{os.getpid()}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
@@ -109,24 +237,171 @@ class Journal:
         finally:
             os.close(fd)
         os.replace(tmp, self.path)
-        dir_fd = os.open(self.dir, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        _fsync_dir(self.dir)
 
 
 @dataclass(frozen=True)
 class Snapshot:
     entries: dict[str, Entry]
+    blocked: dict[str, str] = field(default_factory=dict)
+    """BDF -> one-line reason: devices an unreadable journal or entry names."""
+    problems: tuple[str, ...] = ()
+    """One line per unreadable journal file or entry, for `status` and `doctor`."""
 
     def for_domain(self, domain: str) -> list[Entry]:
         return [e for e in self.entries.values() if e.domain == domain]
 
 
+class _Unreadable(ValueError):
+    """An entry this version cannot read; the message says why, in a few words."""
+
+
 def _serialise(entries: dict[str, Entry]) -> str:
-    return json.dumps(
-        {"version": 1, "devices": {bdf: asdict(e) for bdf, e in sorted(entries.items())}},
-        indent=1,
-        sort_keys=True,
-    )
+    opaque = getattr(entries, "opaque", {})
+    unknown = getattr(entries, "unknown", {})
+    devices = {**opaque, **{bdf: e.to_json() for bdf, e in entries.items()}}
+    return json.dumps({**unknown, "version": SCHEMA_VERSION, "devices": devices},
+                      indent=1, sort_keys=True)
+
+
+def _parse_entry(key: str, raw: object) -> Entry:
+    if not isinstance(raw, dict):
+        raise _Unreadable(f"a JSON {_JSON_TYPE.get(type(raw), '?')}, not an object")
+    for name in _REQUIRED:
+        if name not in raw:
+            raise _Unreadable(f"missing field {name!r}")
+    for name, types in _FIELDS.items():
+        value = raw.get(name)
+        if name in raw and (not isinstance(value, types) or isinstance(value, bool)):
+            raise _Unreadable(f"field {name!r} is a JSON {_JSON_TYPE.get(type(value), '?')}")
+    if raw["role"] not in get_args(Role):
+        raise _Unreadable(f"unknown role {_short(raw['role'])}")
+    if raw["status"] not in get_args(Status):
+        raise _Unreadable(f"unknown status {_short(raw['status'])}")
+    if _bdf(key) != key:
+        raise _Unreadable(f"key {_short(key)} is not a PCI address as DDDD:BB:SS.F")
+    if raw["address"] != key:
+        raise _Unreadable(f"address {_short(raw['address'])} does not match its key")
+    known = {"pid": None, "updated": 0.0}  # written by an older version: age and writer unknown
+    known.update({k: v for k, v in raw.items() if k in _FIELDS})
+    return Entry(**known, extra={k: v for k, v in raw.items() if k not in _FIELDS})  # type: ignore[arg-type]
+
+
+def _examine(data: bytes) -> tuple[dict[str, object] | None, str, list[str]]:
+    """(the document or None if this version cannot read it, why not, the BDFs it names).
+
+    What an unreadable journal names is a best guess that errs on the side of naming
+    too much: device keys and "address" values anywhere, or any BDF-looking text.
+    """
+    try:
+        doc = json.loads(data[:_MAX_READ])
+    except (ValueError, RecursionError) as err:
+        text = data[:_MAX_READ].decode("utf-8", "replace")
+        return None, f"not valid JSON: {_line(str(err))}", _bdfs(_BDF_TEXT.findall(text))
+    why = ""
+    version = doc.get("version") if isinstance(doc, dict) else None
+    if not isinstance(doc, dict):
+        why = f"a JSON {_JSON_TYPE.get(type(doc), '?')}, not an object"
+    elif "version" not in doc:
+        why = "it has no version"
+    elif not isinstance(version, int) or isinstance(version, bool):
+        why = f"version {_short(version)} is not an integer"
+    elif version > SCHEMA_VERSION:
+        why = f"version {version} is newer than this vfio-libvirt reads, {SCHEMA_VERSION}"
+    elif version < 1:
+        why = f"version {version} was never written by vfio-libvirt"
+    elif not isinstance(doc.get("devices"), dict):
+        why = f"its devices are a JSON {_JSON_TYPE.get(type(doc.get('devices')), '?')}, not an object"
+    found: list[object] = list(doc["devices"]) if isinstance(doc, dict) and isinstance(
+        doc.get("devices"), dict) else []
+    stack: list[object] = [doc]
+    while stack:  # iterative: a deeply nested document must not overflow the stack
+        node = stack.pop()
+        if isinstance(node, dict):
+            found.append(node.get("address"))
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return (None if why else doc), why, _bdfs(found)  # type: ignore[return-value]
+
+
+def _block_file(entries: Entries, problems: list[str], path: Path, why: str, names: list[str]) -> None:
+    reason = (f"named by unreadable journal {path} ({why}); "
+              "inspect it and remove it when its devices are safe")
+    for bdf in names:
+        entries.blocked.setdefault(bdf, reason)
+    problems.append(f"unreadable journal {path} ({why}) blocks "
+                    f"{', '.join(names) or 'no device'}; inspect it and remove it when its devices are safe")
+
+
+def _block_entry(entries: Entries, problems: list[str], path: Path, key: str, why: str) -> None:
+    bdf = _bdf(key)
+    if bdf is not None:
+        entries.blocked.setdefault(bdf, f"journal entry this version cannot read ({why})")
+    problems.append(f"journal {path}: entry {_short(key)} this version cannot read ({why}); kept as is, "
+                    + (f"{bdf} stays blocked" if bdf else "it blocks nothing"))
+
+
+def _bdf(text: object) -> str | None:
+    try:
+        return str(PciAddress.parse(text))  # type: ignore[arg-type]
+    except (InputError, TypeError):
+        return None
+
+
+def _bdfs(candidates: list[object]) -> list[str]:
+    return sorted({b for b in map(_bdf, candidates) if b is not None})
+
+
+def _read(path: Path) -> bytes | None:
+    """At most a few MiB of `path`; None when it does not exist."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(_MAX_READ + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise OperationError(f"journal {path}: {err.strerror}") from None
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False  # 0 and negatives name process groups, never a writer
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    except (OverflowError, OSError):
+        return False
+    return True
+
+
+def _short(value: object, limit: int = 60) -> str:
+    text = _line(repr(value))
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _line(text: str) -> str:
+    return " ".join(text.split())[:200]
+
+
+def _move_no_replace(src: Path, dst: Path) -> None:
+    """Rename that fails with FileExistsError rather than replace `dst`."""
+    try:
+        os.link(src, dst)
+    except OSError as err:
+        if err.errno not in (errno.EPERM, errno.EOPNOTSUPP) or dst.exists():
+            raise
+        os.rename(src, dst)  # no hard links on this filesystem; the exclusive lock excludes racers
+    else:
+        os.unlink(src)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
