@@ -7,12 +7,11 @@ the directory, so a crash leaves either the old or the new journal, never half o
 Entries are written before a device is touched: after a crash the journal still
 names the original driver, and `vfio-libvirt restore --domain` finishes the job.
 
-A journal this version cannot fully read (a newer vfio-libvirt wrote it, or it is
-damaged) must neither stop every VM nor be lost: what cannot be read is kept verbatim
-and blocks only the devices it names.  An unreadable entry stays in the file as is; an
-unreadable file is set aside as `journal.unreadable.<UTC time>.json` by the first
-writer, and every load scans those files, so their devices stay blocked until an
-admin removes them.  Unknown fields are kept on rewrite, so a downgrade loses nothing.
+What this version cannot read (a newer writer's journal, a damaged one) must neither
+stop every VM nor be lost: it is kept verbatim and blocks only the devices it names.
+An unreadable entry stays in the file; an unreadable file is set aside by the first
+writer as `journal.unreadable.<UTC time>.json`, which every load scans until an admin
+removes it.  Unknown fields are kept on rewrite, so a downgrade loses nothing.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 from vfio_libvirt.errors import InputError, OperationError
 from vfio_libvirt.pci import PciAddress
@@ -45,8 +44,6 @@ UNREADABLE_GLOB = "journal.unreadable.*.json"
 _MAX_READ = 4 << 20  # no journal of ours comes near this; bounds what a hook reads
 _TRANSIENT = frozenset({"claimed", "switching", "restoring"})
 _BDF_TEXT = re.compile(r"[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-9a-fA-F]")
-_JSON_TYPE = {dict: "object", list: "array", str: "string", int: "number", float: "number",
-              bool: "boolean", type(None): "null"}
 # every field this version knows, with the JSON types it accepts; the first 7 are required
 _FIELDS: dict[str, tuple[type, ...]] = {
     "address": (str,), "domain": (str,), "uuid": (str, type(None)), "role": (str,),
@@ -86,11 +83,9 @@ class Entry:
         self.pid = os.getpid()
 
     def is_stale(self, now: float | None = None, max_age: float = 120.0) -> bool:
-        """True for a claimed/switching/restoring entry nobody is working on any more.
-
-        Its writer is gone, unknown, or it has not moved for `max_age` seconds (a pid
-        can be reused, so a live pid alone does not prove the run is still going).
-        """
+        """True for a claimed/switching/restoring entry nobody is working on any more: its
+        writer is gone or unknown, or it has not moved for `max_age` seconds (a pid can be
+        reused, so a live pid alone does not prove the run is still going)."""
         if self.status not in _TRANSIENT:
             return False
         age = (time.time() if now is None else now) - self.updated
@@ -118,6 +113,19 @@ class Entries(dict[str, Entry]):
         self.opaque: dict[str, object] = {}
         self.unknown: dict[str, object] = {}  # unknown top-level keys of the journal
 
+    def block_file(self, path: Path, why: str, names: list[str]) -> None:
+        advice = "inspect it and remove it when its devices are safe"
+        for bdf in names:
+            self.blocked.setdefault(bdf, f"named by unreadable journal {path} ({why}); {advice}")
+        self.problems += (f"unreadable journal {path} ({why}) blocks {', '.join(names) or 'no device'}; "
+                          f"{advice}",)
+
+    def block_entry(self, path: Path, key: str, why: str) -> None:
+        if (bdf := _bdf(key)) is not None:
+            self.blocked.setdefault(bdf, f"journal entry this version cannot read ({why})")
+        self.problems += (f"journal {path}: entry {_short(key)} this version cannot read ({why}); "
+                          + (f"kept as is, {bdf} stays blocked" if bdf else "kept as is, it blocks nothing"),)
+
 
 class Journal:
     def __init__(self, state_dir: Path, lock_timeout: float = 30.0) -> None:
@@ -129,10 +137,8 @@ class Journal:
         return self.dir / JOURNAL
 
     def read(self) -> Snapshot:
-        """A consistent copy, taken under the lock; for looking, not for changing.
-
-        Never renames or writes anything: an unreadable journal is only reported.
-        """
+        """A consistent copy, taken under the lock, for looking: it never renames or writes
+        anything, so an unreadable journal is only reported."""
         with self._lock(exclusive=False):
             loaded = self._load(set_aside=False)
         return Snapshot(dict(loaded), dict(loaded.blocked), loaded.problems)
@@ -171,9 +177,8 @@ class Journal:
                     break
                 except BlockingIOError:
                     if time.monotonic() >= deadline:
-                        raise OperationError(
-                            f"journal lock {path} held by another process for {timeout:g}s"
-                        ) from None
+                        msg = f"journal lock {path} held by another process for {timeout:g}s"
+                        raise OperationError(msg) from None
                     time.sleep(0.02)
             yield
         finally:
@@ -181,34 +186,30 @@ class Journal:
 
     def _load(self, *, set_aside: bool) -> Entries:
         entries = Entries()
-        problems: list[str] = []
         data = _read(self.path)
         if data is not None:
             doc, why, names = _examine(data)
             if doc is None and set_aside:
                 self._set_aside(why, names)  # picked up by the scan below
             elif doc is None:
-                _block_file(entries, problems, self.path, why, names)
+                entries.block_file(self.path, why, names)
             else:
                 entries.unknown = {k: v for k, v in doc.items() if k not in ("version", "devices")}
-                devices: dict[str, object] = doc["devices"]  # type: ignore[assignment]
-                for key, raw in devices.items():
+                for key, raw in doc["devices"].items():
                     try:
                         entries[key] = _parse_entry(key, raw)
                     except _Unreadable as err:
                         entries.opaque[key] = raw
-                        _block_entry(entries, problems, self.path, key, str(err))
+                        entries.block_entry(self.path, key, str(err))
         for aside in sorted(self.dir.glob(UNREADABLE_GLOB)):
             try:
                 data = _read(aside)
             except OperationError as err:
-                _block_file(entries, problems, aside, str(err), [])
+                entries.block_file(aside, str(err), [])
                 continue
-            if data is None:
-                continue  # removed since the listing
-            doc, why, names = _examine(data)
-            _block_file(entries, problems, aside, why or "set aside as unreadable", names)
-        entries.problems = tuple(problems)
+            if data is not None:  # else removed since the listing
+                _, why, names = _examine(data)
+                entries.block_file(aside, why or "set aside as unreadable", names)
         return entries
 
     def _set_aside(self, why: str, names: list[str]) -> Path:
@@ -230,12 +231,10 @@ class Journal:
 
     def _save(self, entries: Entries) -> None:
         tmp = self.dir / f".{JOURNAL}.{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, _serialise(entries).encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+            f.write(_serialise(entries).encode())  # a file object writes it all, a bare write may not
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, self.path)
         _fsync_dir(self.dir)
 
@@ -256,24 +255,22 @@ class _Unreadable(ValueError):
     """An entry this version cannot read; the message says why, in a few words."""
 
 
-def _serialise(entries: dict[str, Entry]) -> str:
-    opaque = getattr(entries, "opaque", {})
-    unknown = getattr(entries, "unknown", {})
+def _serialise(entries: Entries) -> str:
+    # an opaque entry gives way to a real one the caller wrote for its BDF (Entries' docstring)
+    opaque = {k: v for k, v in entries.opaque.items() if _bdf(k) not in entries}
     devices = {**opaque, **{bdf: e.to_json() for bdf, e in entries.items()}}
-    return json.dumps({**unknown, "version": SCHEMA_VERSION, "devices": devices},
+    return json.dumps({**entries.unknown, "version": SCHEMA_VERSION, "devices": devices},
                       indent=1, sort_keys=True)
 
 
 def _parse_entry(key: str, raw: object) -> Entry:
     if not isinstance(raw, dict):
-        raise _Unreadable(f"a JSON {_JSON_TYPE.get(type(raw), '?')}, not an object")
-    for name in _REQUIRED:
-        if name not in raw:
-            raise _Unreadable(f"missing field {name!r}")
-    for name, types in _FIELDS.items():
-        value = raw.get(name)
-        if name in raw and (not isinstance(value, types) or isinstance(value, bool)):
-            raise _Unreadable(f"field {name!r} is a JSON {_JSON_TYPE.get(type(value), '?')}")
+        raise _Unreadable(f"a JSON {_kind(raw)}, not an object")
+    if missing := [name for name in _REQUIRED if name not in raw]:
+        raise _Unreadable(f"missing field {missing[0]!r}")
+    for name, value in raw.items():
+        if name in _FIELDS and (not isinstance(value, _FIELDS[name]) or isinstance(value, bool)):
+            raise _Unreadable(f"field {name!r} is a JSON {_kind(value)}")
     if raw["role"] not in get_args(Role):
         raise _Unreadable(f"unknown role {_short(raw['role'])}")
     if raw["status"] not in get_args(Status):
@@ -282,38 +279,38 @@ def _parse_entry(key: str, raw: object) -> Entry:
         raise _Unreadable(f"key {_short(key)} is not a PCI address as DDDD:BB:SS.F")
     if raw["address"] != key:
         raise _Unreadable(f"address {_short(raw['address'])} does not match its key")
-    known = {"pid": None, "updated": 0.0}  # written by an older version: age and writer unknown
+    known = {"pid": None, "updated": 0.0}  # an older writer's entry: age and writer unknown
     known.update({k: v for k, v in raw.items() if k in _FIELDS})
     return Entry(**known, extra={k: v for k, v in raw.items() if k not in _FIELDS})  # type: ignore[arg-type]
 
 
-def _examine(data: bytes) -> tuple[dict[str, object] | None, str, list[str]]:
-    """(the document or None if this version cannot read it, why not, the BDFs it names).
+def _examine(data: bytes) -> tuple[dict[str, Any] | None, str, list[str]]:
+    """(the document, or None if this version cannot read it; why not; the BDFs it names).
 
-    What an unreadable journal names is a best guess that errs on the side of naming
-    too much: device keys and "address" values anywhere, or any BDF-looking text.
+    What an unreadable journal names is a best guess that errs towards naming too
+    much: its device keys and "address" values anywhere, or any BDF-looking text.
     """
     try:
-        doc = json.loads(data[:_MAX_READ])
+        doc: Any = json.loads(data[:_MAX_READ])
     except (ValueError, RecursionError) as err:
-        text = data[:_MAX_READ].decode("utf-8", "replace")
-        return None, f"not valid JSON: {_line(str(err))}", _bdfs(_BDF_TEXT.findall(text))
+        why = (f"larger than {_MAX_READ >> 20} MiB" if len(data) > _MAX_READ
+               else "not valid JSON: " + " ".join(str(err).split())[:120])
+        found: list[object] = _BDF_TEXT.findall(data[:_MAX_READ].decode("utf-8", "replace"))
+        return None, why, sorted({b for b in map(_bdf, found) if b})
+    obj = isinstance(doc, dict)
+    version, devices = (doc.get("version"), doc.get("devices")) if obj else (None, None)
     why = ""
-    version = doc.get("version") if isinstance(doc, dict) else None
-    if not isinstance(doc, dict):
-        why = f"a JSON {_JSON_TYPE.get(type(doc), '?')}, not an object"
-    elif "version" not in doc:
-        why = "it has no version"
+    if not obj:
+        why = f"a JSON {_kind(doc)}, not an object"
     elif not isinstance(version, int) or isinstance(version, bool):
-        why = f"version {_short(version)} is not an integer"
+        why = f"version {_short(version)} is not an integer" if "version" in doc else "it has no version"
     elif version > SCHEMA_VERSION:
         why = f"version {version} is newer than this vfio-libvirt reads, {SCHEMA_VERSION}"
     elif version < 1:
         why = f"version {version} was never written by vfio-libvirt"
-    elif not isinstance(doc.get("devices"), dict):
-        why = f"its devices are a JSON {_JSON_TYPE.get(type(doc.get('devices')), '?')}, not an object"
-    found: list[object] = list(doc["devices"]) if isinstance(doc, dict) and isinstance(
-        doc.get("devices"), dict) else []
+    elif not isinstance(devices, dict):
+        why = f"its devices are a JSON {_kind(devices)}, not an object"
+    found = list(devices) if isinstance(devices, dict) else []
     stack: list[object] = [doc]
     while stack:  # iterative: a deeply nested document must not overflow the stack
         node = stack.pop()
@@ -322,24 +319,7 @@ def _examine(data: bytes) -> tuple[dict[str, object] | None, str, list[str]]:
             stack.extend(node.values())
         elif isinstance(node, list):
             stack.extend(node)
-    return (None if why else doc), why, _bdfs(found)  # type: ignore[return-value]
-
-
-def _block_file(entries: Entries, problems: list[str], path: Path, why: str, names: list[str]) -> None:
-    reason = (f"named by unreadable journal {path} ({why}); "
-              "inspect it and remove it when its devices are safe")
-    for bdf in names:
-        entries.blocked.setdefault(bdf, reason)
-    problems.append(f"unreadable journal {path} ({why}) blocks "
-                    f"{', '.join(names) or 'no device'}; inspect it and remove it when its devices are safe")
-
-
-def _block_entry(entries: Entries, problems: list[str], path: Path, key: str, why: str) -> None:
-    bdf = _bdf(key)
-    if bdf is not None:
-        entries.blocked.setdefault(bdf, f"journal entry this version cannot read ({why})")
-    problems.append(f"journal {path}: entry {_short(key)} this version cannot read ({why}); kept as is, "
-                    + (f"{bdf} stays blocked" if bdf else "it blocks nothing"))
+    return (None if why else doc), why, sorted({b for b in map(_bdf, found) if b})
 
 
 def _bdf(text: object) -> str | None:
@@ -349,8 +329,14 @@ def _bdf(text: object) -> str | None:
         return None
 
 
-def _bdfs(candidates: list[object]) -> list[str]:
-    return sorted({b for b in map(_bdf, candidates) if b is not None})
+def _kind(value: object) -> str:
+    return {dict: "object", list: "array", str: "string", int: "number", float: "number",
+            bool: "boolean", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _short(value: object, limit: int = 60) -> str:
+    text = " ".join(repr(value)[:limit * 2].split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _read(path: Path) -> bytes | None:
@@ -365,38 +351,27 @@ def _read(path: Path) -> bytes | None:
 
 
 def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False  # 0 and negatives name process groups, never a writer
+    """Whether process `pid` exists (0 and negatives name process groups, never a writer)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
+        return pid > 0 and os.kill(pid, 0) is None
     except PermissionError:
         return True  # it exists, under another user
-    except (OverflowError, OSError):
+    except (OverflowError, OSError):  # ProcessLookupError, or a pid no process can have
         return False
-    return True
-
-
-def _short(value: object, limit: int = 60) -> str:
-    text = _line(repr(value))
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _line(text: str) -> str:
-    return " ".join(text.split())[:200]
 
 
 def _move_no_replace(src: Path, dst: Path) -> None:
-    """Rename that fails with FileExistsError rather than replace `dst`."""
+    """A rename that raises FileExistsError rather than replace `dst`."""
     try:
-        os.link(src, dst)
+        os.link(src, dst)  # EEXIST, a FileExistsError, when dst exists
     except OSError as err:
-        if err.errno not in (errno.EPERM, errno.EOPNOTSUPP) or dst.exists():
+        if err.errno not in (errno.EPERM, errno.EOPNOTSUPP):
             raise
-        os.rename(src, dst)  # no hard links on this filesystem; the exclusive lock excludes racers
-    else:
-        os.unlink(src)
+        if dst.exists():  # no hard links on this filesystem; the exclusive lock excludes racers
+            raise FileExistsError(dst) from None
+        os.rename(src, dst)
+        return
+    os.unlink(src)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -1,5 +1,6 @@
 """The journal: round trips, atomic writes, and journals or entries this version cannot read."""
 
+import errno
 import json
 import logging
 import os
@@ -133,6 +134,17 @@ def test_unreadable_journal_blocks_only_what_it_names(tmp_path, name, caplog, mo
     assert journal.read().blocked == {} and journal.read().problems == ()
 
 
+def test_a_set_aside_journal_blocks_with_no_journal_left(tmp_path):
+    journal = Journal(tmp_path)
+    journal.path.write_text('{"version": 3, "devices": {"0000:00:10.0": {}}}')
+    with journal.transaction() as entries:  # changes nothing, so writes no new journal
+        assert list(entries.blocked) == ["0000:00:10.0"]
+    assert not journal.path.exists() and len(asides(tmp_path)) == 1
+    assert list(journal.read().blocked) == ["0000:00:10.0"]
+    with journal.transaction() as entries:
+        assert list(entries.blocked) == ["0000:00:10.0"] and len(entries.problems) == 1
+
+
 def test_blocked_reason_is_one_readable_line(tmp_path):
     journal = Journal(tmp_path)
     journal.path.write_text(json.dumps({"version": 7, "devices": {"0000:00:10.0": {}}}))
@@ -154,6 +166,21 @@ def test_set_aside_never_clobbers_an_existing_file(tmp_path, monkeypatch):
     assert (tmp_path / "journal.unreadable.20261121T070000Z-1.json").read_text() == (
         '{"version": 9, "devices": {"0000:00:02.0": {}}}')
     assert not journal.path.exists()
+
+
+def test_set_aside_without_hard_links_still_never_clobbers(tmp_path, monkeypatch):
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+    monkeypatch.setattr(state.os, "link", no_links)
+    monkeypatch.setattr(state.time, "strftime", lambda fmt, t=None: "20261121T070000Z")
+    journal = Journal(tmp_path)
+    earlier = tmp_path / "journal.unreadable.20261121T070000Z.json"
+    earlier.write_text("first")
+    journal.path.write_text("second 0000:00:02.0")
+    with journal.transaction() as entries:
+        assert list(entries.blocked) == ["0000:00:02.0"]
+    assert earlier.read_text() == "first" and not journal.path.exists()
+    assert (tmp_path / "journal.unreadable.20261121T070000Z-1.json").read_text() == "second 0000:00:02.0"
 
 
 # --- unknown fields and entries -------------------------------------------------------
@@ -223,12 +250,19 @@ def test_entries_this_version_cannot_read_are_kept_verbatim_and_block_their_bdf(
 def test_a_real_entry_replaces_an_opaque_one_by_the_callers_decision(tmp_path):
     journal = Journal(tmp_path)
     journal.path.write_text(json.dumps({"version": 1, "devices": {
-        "0000:00:10.0": raw_entry("0000:00:10.0", status="parked")}}))
+        "0000:00:10.0": raw_entry("0000:00:10.0", status="parked"),
+        "00:11.0": raw_entry("00:11.0"),  # not the canonical key: opaque, blocks 0000:00:11.0
+        "0000:00:12.0": raw_entry("0000:00:12.0", status="parked")}}))
     with journal.transaction() as entries:
-        assert "0000:00:10.0" in entries.blocked and "0000:00:10.0" not in entries
+        assert set(entries.blocked) == {"0000:00:10.0", "0000:00:11.0", "0000:00:12.0"}
+        assert "0000:00:10.0" not in entries
         entries["0000:00:10.0"] = entry(status="bound")
-    assert json.loads(journal.path.read_text())["devices"]["0000:00:10.0"]["status"] == "bound"
-    assert journal.read().blocked == {} and journal.read().entries["0000:00:10.0"].status == "bound"
+        entries["0000:00:11.0"] = entry("0000:00:11.0", status="bound")
+    devices = json.loads(journal.path.read_text())["devices"]
+    assert sorted(devices) == ["0000:00:10.0", "0000:00:11.0", "0000:00:12.0"]
+    assert devices["0000:00:10.0"]["status"] == "bound" and devices["0000:00:12.0"]["status"] == "parked"
+    snapshot = journal.read()
+    assert list(snapshot.blocked) == ["0000:00:12.0"] and snapshot.entries["0000:00:10.0"].status == "bound"
 
 
 def test_entry_from_an_older_writer_has_no_pid_and_is_not_rewritten_for_it(tmp_path):
