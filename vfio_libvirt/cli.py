@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from vfio_libvirt.cli_common import PROG, Parser, emit_json, read_input
+from vfio_libvirt.cli_common import PROG, Parser, core_logs_to_stderr, emit_json, read_input
 from vfio_libvirt.errors import InputError, OperationError, VfioLibvirtError
 from vfio_libvirt.settings import Settings
 
@@ -82,10 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     # one-way: these modules lean on cli_common, never on this module
-    from vfio_libvirt import cli_host, cli_libvirt
+    from vfio_libvirt import cli_config, cli_host, cli_libvirt
 
     cli_host.register(command)
     cli_libvirt.register(command)
+    cli_config.register(command)
     return parser
 
 
@@ -95,7 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # usage errors (2) and --help (0), already printed
         return exc.code if isinstance(exc.code, int) else 2
     try:
-        return args.func(args, Settings.from_env())
+        with core_logs_to_stderr():
+            return args.func(args, Settings.from_env())
     except VfioLibvirtError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return err.exit_code

@@ -1,4 +1,4 @@
-"""What every `vfio-libvirt` command module shares: the parser, input, output, warnings.
+"""What every `vfio-libvirt` command module shares: parser, input, output, warnings, config.
 
 It lives apart from `cli.py` so that the dependency runs one way only — `cli` wires
 `cli_host`, `cli_libvirt` and `cli_config`, and they all lean on this module — instead
@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, NoReturn
 
 from vfio_libvirt.errors import InputError
 
 if TYPE_CHECKING:
     from vfio_libvirt.config import Config
+    from vfio_libvirt.settings import Settings
 
 PROG = "vfio-libvirt"
 
@@ -60,12 +63,59 @@ def warn(message: str) -> None:
     print(f"{PROG}: warning: {message}", file=sys.stderr)
 
 
-def warn_config_problems(config: Config) -> None:
-    """For commands that must go on despite a mistyped config (restore, status).
+class _StderrHandler(logging.Handler):
+    """The core's log records as the CLI's own stderr lines, `vfio-libvirt: warning: …`.
 
-    A typo in the host config must never keep a device from going home, so these
-    commands use the config's safe reading and only say, once per problem, what they
-    ignored.
+    The hook sends them to syslog; at a terminal the operator should see what the core
+    warns about (a config problem it read around, a device that vanished), in the same
+    one-line form as every other message, not Python's bare last-resort output.
     """
-    for problem in config.problems:
-        warn(f"config {problem} (using the safe reading)")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        level = "warning" if record.levelno < logging.ERROR else "error"
+        try:
+            print(f"{PROG}: {level}: {record.getMessage()}", file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
+@contextmanager
+def core_logs_to_stderr() -> Iterator[None]:
+    """For one command: attached and removed again, so the hook (which may run in the
+    same process, in tests) keeps its own logging."""
+    logger = logging.getLogger("vfio_libvirt")
+    handler = _StderrHandler(logging.WARNING)
+    saved_level = logger.level
+    if logger.getEffectiveLevel() > logging.WARNING:
+        logger.setLevel(logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved_level)
+
+
+@contextmanager
+def core_logs_silenced() -> Iterator[None]:
+    """For commands whose own output already reports everything the core would warn about."""
+    logger = logging.getLogger("vfio_libvirt")
+    saved = logger.disabled
+    logger.disabled = True
+    try:
+        yield
+    finally:
+        logger.disabled = saved
+
+
+def require_valid_config(settings: Settings) -> Config:
+    """Commands that change devices on purpose refuse a config with mistakes (exit 2).
+
+    Read before the core reads it, so a bad config is the one line the user sees,
+    not each problem as a warning followed by the refusal.
+    """
+    from vfio_libvirt.config import Config
+
+    config = Config.load(settings.config_path)
+    config.require_valid()
+    return config

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from vfio_libvirt.cli_common import Command, emit_json, read_input
+from vfio_libvirt.cli_common import Command, emit_json, read_input, require_valid_config, warn
 from vfio_libvirt.errors import InputError, OperationError
 from vfio_libvirt.settings import MAX_XML_BYTES, Settings
 
@@ -39,6 +39,7 @@ def _load_domain(args: argparse.Namespace):
 def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
     from vfio_libvirt.lifecycle import Host, make_plan
 
+    require_valid_config(settings)
     domain = _load_domain(args)
     plan = make_plan(Host(settings, read_only=True), domain)
     if args.json:
@@ -57,6 +58,10 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from vfio_libvirt.lifecycle import Host, drift
 
     host = Host(settings)
+    try:
+        host.config  # noqa: B018 -- read only so its problems are warned about (once, by the core)
+    except InputError as err:
+        warn(f"{err}; status does not depend on it")
     entries = host.journal.read().entries
     owners, libvirt_note = _libvirt_owners(args.connect)
     rows = []
@@ -125,6 +130,7 @@ def cmd_bind(args: argparse.Namespace, settings: Settings) -> int:
     hostdev = HostDev(address, managed=False, origin="hostdev",
                       driver_model=module_name(args.driver) if args.driver else None)
     domain = Domain(name=args.owner, uuid=None, hostdevs=(hostdev,))
+    require_valid_config(settings)
     plan = prepare(Host(settings), domain)
     for step in plan.steps:
         print(step.describe())
@@ -134,10 +140,13 @@ def cmd_bind(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_restore(args: argparse.Namespace, settings: Settings) -> int:
     from vfio_libvirt.lifecycle import Host, release, restore_device
 
-    host = Host(settings)
     chosen = [bool(args.bdf), bool(args.domain), args.all]
     if sum(chosen) != 1:
         raise InputError("give exactly one of: a PCI address, --domain NAME, --all")
+    # a restore never stops for a config mistake: the core uses the safe reading (or
+    # the defaults if the file is not even TOML) and warns about each problem once
+    host = Host(settings, config_fallback=True)
+    host.config  # noqa: B018 -- read now so the warnings come first, even if nothing is restored
     if args.bdf:
         print(restore_device(host, args.bdf))
         return 0

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from vfio_libvirt.cli_common import Command, emit_json
+from vfio_libvirt.cli_common import Command, core_logs_silenced, emit_json, require_valid_config
 from vfio_libvirt.errors import InputError, OperationError, VfioLibvirtError
 from vfio_libvirt.settings import Settings
 
@@ -21,16 +21,29 @@ class Finding:
     level: str  # ok, warn, fail
     what: str
     fix: str = ""
+    bad_input: bool = False
+    """A fail that is the admin's input (the config): doctor then exits 2, not 1."""
+
+    def to_json(self) -> dict[str, str]:
+        return {"level": self.level, "what": self.what, "fix": self.fix}
 
 
 def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
-    findings = doctor(settings, args.connect, Path(args.hook))
+    """Exit 0 all well, 1 a `fail` finding, 2 a config with mistakes: scripts and Ansible
+    act on the exit code, not on the text."""
+    # every finding is printed below; the core's own warnings (the config problems,
+    # again) would only repeat them on stderr
+    with core_logs_silenced():
+        findings = doctor(settings, args.connect, Path(args.hook))
     if args.json:
-        emit_json([f.__dict__ for f in findings])
+        emit_json([f.to_json() for f in findings])
     else:
         for f in findings:
             print(f"[{f.level:>4}] {f.what}" + (f"\n       fix: {f.fix}" if f.fix else ""))
-    return 1 if any(f.level == "fail" for f in findings) else 0
+    failed = [f for f in findings if f.level == "fail"]
+    if any(f.bad_input for f in failed):
+        return 2
+    return 1 if failed else 0
 
 
 def doctor(settings: Settings, uri: str | None, hook: Path) -> list[Finding]:
@@ -38,7 +51,8 @@ def doctor(settings: Settings, uri: str | None, hook: Path) -> list[Finding]:
     from vfio_libvirt.libvirt_version import VARIANT_MIN
     from vfio_libvirt.lifecycle import Host
 
-    host = Host(settings)
+    # a config that is not TOML is a finding, not the end of the check-up
+    host = Host(settings, config_fallback=True)
     out: list[Finding] = []
     groups = host.sysfs.sys / "kernel" / "iommu_groups"
     count = len(os.listdir(groups)) if groups.is_dir() else 0
@@ -56,6 +70,7 @@ def doctor(settings: Settings, uri: str | None, hook: Path) -> list[Finding]:
                                "install a kernel with CONFIG_VFIO_PCI and run depmod"))
     except VfioLibvirtError as err:
         out.append(Finding("fail", str(err), "check VFIO_LIBVIRT_MODULES_DIR / the running kernel"))
+    out += _config_findings(settings.config_path)
     version = host.libvirt_version
     if version is None:
         out.append(Finding("warn", "libvirt version unknown: managed='no' devices get vfio-pci",
@@ -80,6 +95,24 @@ def doctor(settings: Settings, uri: str | None, hook: Path) -> list[Finding]:
         out.append(Finding("fail", str(err), "inspect and remove the journal by hand"))
     out += _domain_findings(host, uri)
     return out
+
+
+def _config_findings(path: Path) -> list[Finding]:
+    from vfio_libvirt.config import Config
+
+    check = "vfio-libvirt config check"
+    try:
+        config = Config.load(path)
+    except InputError as err:
+        return [Finding("fail", str(err), f"fix the file, then: {check}", bad_input=True)]
+    if not path.exists():
+        return [Finding("ok", f"config {path}: none, the defaults apply")]
+    if not config.problems:
+        return [Finding("ok", f"config {path}: no problems")]
+    return [Finding("fail", f"config {problem}",
+                    f"edit {problem.path}" + (f" line {problem.line}" if problem.line else "")
+                    + f", then: {check}", bad_input=True)
+            for problem in config.problems]
 
 
 def _hook_findings(hook: Path) -> list[Finding]:
@@ -240,8 +273,9 @@ def cmd_attach(args: argparse.Namespace, settings: Settings) -> int:
     from vfio_libvirt.pci import PciAddress
     from vfio_libvirt.virt import connect, libvirt_module, lookup
 
-    libvirt = libvirt_module()
     address = PciAddress.parse(args.bdf)
+    require_valid_config(settings)  # bad input first: exit 2 whether or not libvirt is there
+    libvirt = libvirt_module()
     host = Host(settings)
     with connect(args.connect, write=True) as conn:
         dom = lookup(conn, args.domain)
@@ -275,7 +309,8 @@ def cmd_detach(args: argparse.Namespace, settings: Settings) -> int:
             dom.detachDeviceFlags(hostdev_xml(address), flags)
         except libvirt.libvirtError as err:
             raise OperationError(f"libvirt refused to detach {address}: {err}") from None
-    print(restore_device(Host(settings), str(address)))
+    # a restore: a config mistake is warned about, never a reason to keep the device
+    print(restore_device(Host(settings, config_fallback=True), str(address)))
     return 0
 
 

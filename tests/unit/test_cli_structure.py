@@ -11,7 +11,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "vfio_libvirt"
-COMMAND_MODULES = ("cli_host", "cli_libvirt")
+COMMAND_MODULES = ("cli_host", "cli_libvirt", "cli_config")
 VIRTIO_NET = "pci:v00001AF4d00001041sv00001AF4sd00001100bc02sc00i00"
 
 
