@@ -10,6 +10,7 @@ import argparse
 import os
 import subprocess
 import sys
+import unicodedata
 from pathlib import Path
 
 from vfio_libvirt.cli_common import Command, emit_json, read_input, require_valid_config, warn
@@ -129,7 +130,7 @@ def cmd_bind(args: argparse.Namespace, settings: Settings) -> int:
     address = PciAddress.parse(args.bdf)
     hostdev = HostDev(address, managed=False, origin="hostdev",
                       driver_model=module_name(args.driver) if args.driver else None)
-    domain = Domain(name=args.owner, uuid=None, hostdevs=(hostdev,))
+    domain = Domain(name=owner_name(args.owner), uuid=None, hostdevs=(hostdev,))
     require_valid_config(settings)
     plan = prepare(Host(settings), domain)
     for step in plan.steps:
@@ -150,16 +151,32 @@ def cmd_restore(args: argparse.Namespace, settings: Settings) -> int:
     if args.bdf:
         print(restore_device(host, args.bdf))
         return 0
-    domains = [args.domain] if args.domain else sorted(
-        {e.domain for e in host.journal.read().entries.values()}
-    )
+    owners = {e.domain for e in host.journal.read().entries.values()}
+    if args.domain and args.domain not in owners:
+        print(f"nothing to restore: no device of domain {args.domain} in the journal")
+        return 0
+    if not owners:
+        print("nothing to restore: the journal is empty")
+        return 0
+    domains = [args.domain] if args.domain else sorted(owners)
     failures = [f for name in domains for f in release(host, name)]
     for failure in failures:
         print(f"not restored: {failure}", file=sys.stderr)
     if failures:
         raise OperationError(f"{len(failures)} device(s) could not be restored (see above)")
-    print(f"restored every device of {', '.join(domains) or 'no domain'}")
+    print(f"restored every device of {', '.join(domains)}")
     return 0
+
+
+def owner_name(text: str) -> str:
+    """The owner `bind` records stands for a domain: `restore --domain` and every status
+    line must be able to name it, so empty, padded or control characters are refused."""
+    if (not text.strip() or text != text.strip()
+            or any(unicodedata.category(c)[0] == "C" or unicodedata.category(c) in ("Zl", "Zp")
+                   for c in text)):
+        raise InputError(f"invalid --owner {text!r}: give a domain name without surrounding "
+                         "spaces or control characters")
+    return text
 
 
 def cmd_test_hook(args: argparse.Namespace, settings: Settings) -> int:

@@ -159,3 +159,34 @@ def test_hook_fast_path_does_not_import_lxml_or_typing():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env=dict(os.environ, PYTHONPATH=str(REPO)), cwd="/").stdout
     assert out.split() == ["0", "0", "False", "False", "False"]
+
+
+def test_restore_domain_with_nothing_in_the_journal_says_so(sim, capsys):
+    assert main(["restore", "--domain", "vm7"]) == 0
+    assert capsys.readouterr().out == "nothing to restore: no device of domain vm7 in the journal\n"
+    assert main(["bind", E1000, "--owner", "vm1"]) == 0
+    capsys.readouterr()
+    assert main(["restore", "--domain", "vm7"]) == 0
+    assert capsys.readouterr().out == "nothing to restore: no device of domain vm7 in the journal\n"
+    assert sim.driver_of(E1000) == "vfio-pci"  # vm1's device stays where it is
+
+
+def test_restore_all_with_an_empty_journal_says_so(sim, capsys):
+    assert main(["restore", "--all"]) == 0
+    assert capsys.readouterr().out == "nothing to restore: the journal is empty\n"
+    assert sim.writes == []
+
+
+@pytest.mark.parametrize("owner", ["", " ", "\t", "vm1\n", "vm\nvm2", " vm1", "vm\x1b[2J", "vm\u2028"])
+def test_bind_refuses_an_owner_no_domain_could_have(sim, capsys, owner):
+    assert main(["bind", E1000, "--owner", owner]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "invalid --owner" in err
+    assert sim.writes == []
+    assert not Path(os.environ["VFIO_LIBVIRT_STATE_DIR"], "journal.json").exists()
+
+
+def test_bind_accepts_an_ordinary_owner(sim, capsys):
+    assert main(["bind", E1000, "--owner", "my vm-1.ü"]) == 0
+    assert main(["status", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.split("\n", 1)[1])["devices"][0]["domain"] == "my vm-1.ü"
