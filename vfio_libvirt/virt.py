@@ -12,16 +12,28 @@ from contextlib import contextmanager
 
 from vfio_libvirt.errors import InputError, OperationError
 
+INSTALL_HINT = "libvirt-python is not installed (Debian: apt install python3-libvirt)"
 
-def libvirt_module():
+
+def libvirt_module(alternative: str = ""):
+    """libvirt-python, imported on first use, with its stderr chatter switched off.
+
+    libvirt's default error handler prints every error to stderr itself
+    ("libvirt: XML-RPC error : Failed to connect socket…"), before the exception we
+    turn into our one line; a no-op handler leaves the reporting to us.
+    `alternative` is how the command can do without libvirt (e.g. "pass --xml FILE"),
+    for commands that have one.
+    """
     try:
         import libvirt
     except ImportError:
-        raise OperationError(
-            "libvirt-python is not installed (Debian: apt install python3-libvirt); "
-            "or pass --xml FILE"
-        ) from None
+        raise OperationError(INSTALL_HINT + (f"; or {alternative}" if alternative else "")) from None
+    libvirt.registerErrorHandler(_ignore_error, None)  # cheap, and the same handler every time
     return libvirt
+
+
+def _ignore_error(_ctx: object, _err: object) -> None:
+    return None
 
 
 @contextmanager
@@ -60,6 +72,8 @@ def xml_of(dom, *, inactive: bool = False, secure: bool = False) -> bytes:
 
 
 def domain_xml(name: str, uri: str | None) -> bytes:
+    """The XML the hook would get, for the commands that could be given it as --xml instead."""
+    libvirt_module(alternative="pass --xml FILE")
     with connect(uri) as conn:
         return xml_of(lookup(conn, name))
 
