@@ -47,9 +47,8 @@ def fast_path() -> None:
 
 
 def on_simulator(count: int, delay: float) -> tuple[float, float, int]:
-    from tests.support.simkernel import SimKernel
-
     import vfio_libvirt.sysfs
+    from tests.support.simkernel import SimKernel
     from vfio_libvirt import hook
 
     with tempfile.TemporaryDirectory() as tmp:

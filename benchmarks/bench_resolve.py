@@ -18,7 +18,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO)]
 
 from tests.support.aliasgen import generate  # noqa: E402
-
 from vfio_libvirt.aliases import AliasTable  # noqa: E402
 
 MODALIASES = [

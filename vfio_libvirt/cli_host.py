@@ -63,7 +63,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         host.config  # noqa: B018 -- read only so its problems are warned about (once, by the core)
     except InputError as err:
         warn(f"{err}; status does not depend on it")
-    entries = host.journal.read().entries
+    snapshot = host.journal.read()
+    entries = snapshot.entries
     owners, libvirt_note = _libvirt_owners(args.connect)
     rows = []
     for address in host.sysfs.devices():
@@ -86,7 +87,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         })
     drifted = drift(host)
     if args.json:
-        emit_json({"devices": rows, "drift": drifted, "libvirt": libvirt_note})
+        emit_json({"devices": rows, "drift": drifted, "journal_problems": list(snapshot.problems),
+                   "libvirt": libvirt_note})
         return 0
     if not rows:
         print("no device is in the journal or on a VFIO driver")
@@ -98,6 +100,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
               + (f"  error: {row['error']}" if row["error"] else ""))
     for line in drifted:
         print(f"drift: {line}")
+    for line in snapshot.problems:
+        print(f"journal: {line}")
     print(f"libvirt: {libvirt_note}")
     return 0
 

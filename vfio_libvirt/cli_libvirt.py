@@ -84,16 +84,33 @@ def doctor(settings: Settings, uri: str | None, hook: Path) -> list[Finding]:
     state = settings.state_dir
     if state.exists() and (state.stat().st_mode & 0o077):
         out.append(Finding("warn", f"state dir {state} is readable by others", f"chmod 700 {state}"))
-    try:
-        entries = host.journal.read().entries if state.exists() else {}
-        failed = [e.address for e in entries.values() if e.status == "restore-failed"]
-        out.append(Finding("warn" if failed else "ok",
-                           f"journal: {len(entries)} device(s)"
-                           + (f", restore failed for {', '.join(failed)}" if failed else ""),
-                           "vfio-libvirt restore --all" if failed else ""))
-    except VfioLibvirtError as err:
-        out.append(Finding("fail", str(err), "inspect and remove the journal by hand"))
+    out += _journal_findings(host) if state.exists() else [Finding("ok", "journal: 0 device(s)")]
     out += _domain_findings(host, uri)
+    return out
+
+
+def _journal_findings(host) -> list[Finding]:
+    """What the journal holds, what it cannot read, and where sysfs disagrees with it.
+
+    Drift covers entries a crashed run left in claimed/switching/restoring and devices
+    the journal puts on a VFIO driver that have no driver at all: each needs an admin.
+    """
+    from vfio_libvirt.lifecycle import drift
+
+    try:
+        snapshot = host.journal.read()
+        drifted = drift(host)
+    except VfioLibvirtError as err:
+        return [Finding("fail", str(err), "inspect the state dir by hand")]
+    entries = snapshot.entries
+    failed = [e.address for e in entries.values() if e.status == "restore-failed"]
+    out = [Finding("warn" if failed else "ok",
+                   f"journal: {len(entries)} device(s)"
+                   + (f", restore failed for {', '.join(failed)}" if failed else ""),
+                   "vfio-libvirt restore --all" if failed else "")]
+    out += [Finding("fail", f"journal: {line}", "inspect the file; remove it once its devices are safe")
+            for line in snapshot.problems]
+    out += [Finding("fail", f"drift: {line}") for line in drifted]
     return out
 
 

@@ -52,10 +52,10 @@ class Host:
         except InputError as err:
             if not self.config_fallback:
                 raise
-            log.error("%s; restoring with the default settings instead", err)
+            log.warning("%s; restoring with the default settings instead", err)
             return Config()
-        for problem in getattr(config, "problems", ()):  # TODO(config): drop getattr
-            log.warning("config: %s (using the safe reading)", problem)
+        for problem in config.problems:
+            log.warning("config: %s", problem)
         return config
 
     @cached_property

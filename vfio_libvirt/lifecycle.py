@@ -20,7 +20,7 @@ from vfio_libvirt.errors import OperationError
 from vfio_libvirt.host import Host, make_plan
 from vfio_libvirt.pci import PciAddress
 from vfio_libvirt.plan import Plan, Step
-from vfio_libvirt.state import Entry
+from vfio_libvirt.state import Entries, Entry
 
 __all__ = ["Host", "PlanRefused", "drift", "make_plan", "prepare", "release", "restore_device"]
 
@@ -99,13 +99,16 @@ def _plan_and_claim(host: Host, domain: Domain) -> tuple[Plan, dict[str, Entry],
         time.sleep(WAIT_POLL)
 
 
-def _other_holder(entries: dict[str, Entry], domain: str, plan: Plan) -> tuple[str, Entry] | None:
-    """Another domain's entry to wait for, or None; raises where waiting cannot help."""
-    blocked: dict[str, str] = getattr(entries, "blocked", {})
+def _other_holder(entries: Entries, domain: str, plan: Plan) -> tuple[str, Entry] | None:
+    """Another domain's entry to wait for, or None; raises where waiting cannot help.
+
+    A device named by a journal this version cannot read is refused for the hook's own
+    binding: what that journal says about its original driver is unknown.
+    """
     for step in plan.steps:
         key = str(step.address)
-        if key in blocked and step.action in ("bind", "keep"):
-            raise OperationError(f"{key}: {blocked[key]}")
+        if key in entries.blocked and step.action in ("bind", "keep"):
+            raise OperationError(f"{key}: {entries.blocked[key]}")
         entry = entries.get(key)
         if entry is None or entry.domain == domain:
             continue
@@ -118,16 +121,15 @@ def _other_holder(entries: dict[str, Entry], domain: str, plan: Plan) -> tuple[s
     return None
 
 
-def _claim(entries: dict[str, Entry], domain: Domain, plan: Plan) -> dict[str, Entry]:
+def _claim(entries: Entries, domain: Domain, plan: Plan) -> dict[str, Entry]:
     """Record every device this domain will use; an older entry of its own is kept as truth."""
-    blocked: dict[str, str] = getattr(entries, "blocked", {})
     claimed: dict[str, Entry] = {}
     for step in plan.steps:
         key = str(step.address)
         if step.action == "skip":
             continue  # never journaled: the hook does not touch it
-        if key in blocked:  # only a managed='yes' watch gets here: libvirt binds it anyway
-            log.warning("%s %s: not watched: %s", domain.name, key, blocked[key])
+        if key in entries.blocked:  # only a managed='yes' watch gets here: libvirt binds it
+            log.warning("%s %s: not watched: %s", domain.name, key, entries.blocked[key])
             continue
         role = "companion" if step.companion else step.action
         status = {"watch": "watching", "keep": "bound"}.get(step.action, "claimed")
@@ -218,9 +220,8 @@ def restore_device(host: Host, bdf: str) -> str:
             raise OperationError(f"{address}: {entry.error}")
         _forget(host, entry)
         return f"{address}: restored to {entry.original_driver or 'no driver'} (from the journal)"
-    blocked: dict[str, str] = getattr(snapshot, "blocked", {})
-    if str(address) in blocked:
-        raise OperationError(f"{address}: {blocked[str(address)]}")
+    if str(address) in snapshot.blocked:
+        raise OperationError(f"{address}: {snapshot.blocked[str(address)]}")
     return _restore_unjournaled(host, address)
 
 
@@ -306,10 +307,11 @@ def drift(host: Host, domain_name: str | None = None) -> list[str]:
         if not host.sysfs.exists(address):
             found.append(f"{address}: in the journal for {entry.domain} but gone from the host")
             continue
-        if getattr(entry, "is_stale", lambda: False)():
-            found.append(f"{address}: {entry.domain}'s entry is stuck in {entry.status} since "
-                         f"{time.strftime('%H:%M:%S', time.localtime(entry.updated))} and its process "
-                         f"is gone; run: vfio-libvirt restore --domain {entry.domain}")
+        if entry.is_stale():
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry.updated))
+            found.append(f"{address}: {entry.domain}'s entry is stuck in {entry.status} since {since} "
+                         f"(pid {entry.pid}, no longer at work on it); "
+                         f"run: vfio-libvirt restore --domain {entry.domain}")
             continue
         current = host.sysfs.driver(address)
         expected = _expected_driver(entry)

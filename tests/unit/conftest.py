@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 
 import pytest
-from tests.support.simkernel import SimKernel
 
+from tests.support.simkernel import SimKernel
 from vfio_libvirt import hook
 from vfio_libvirt.lifecycle import Host
 from vfio_libvirt.settings import Settings

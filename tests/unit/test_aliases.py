@@ -1,8 +1,8 @@
 from pathlib import Path
 
 import pytest
-from tests.support.aliasgen import VFIO_LINES, generate
 
+from tests.support.aliasgen import VFIO_LINES, generate
 from vfio_libvirt.aliases import AliasTable, parse_builtin_modinfo, parse_modules_alias
 from vfio_libvirt.errors import InputError, OperationError
 

@@ -269,3 +269,52 @@ def test_a_crash_after_any_write_is_recovered(sim, capsys, phase, recovery):
         assert all(e["domain"] == "vm1" for e in journal().values()), crash_at
         assert RECOVERIES[recovery]() == 0, (crash_at, capsys.readouterr().err)
         assert_home(sim, f"{phase} crashed after write {crash_at}, recovered by {recovery}")
+
+
+# --- a journal this version cannot read --------------------------------------------------
+def test_an_unreadable_journal_blocks_only_the_devices_it_names(sim, capsys):
+    state = Path(os.environ["VFIO_LIBVIRT_STATE_DIR"])
+    state.mkdir(parents=True, exist_ok=True)
+    (state / "journal.json").write_text(json.dumps(
+        {"version": 99, "devices": {NIC: {"address": NIC, "how": "a newer format"}}}))
+    # managed='no' on the named device: refused, one line, nothing written
+    assert run_hook("vm1", "prepare", "begin", domain_xml("vm1", pci(NIC))) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{NIC}: named by unreadable journal" in err
+    assert sim.writes == []
+    # a device it does not name, and a managed='yes' one it does, still start
+    assert run_hook("vm2", "prepare", "begin", domain_xml("vm2", pci(E1000))) == 0
+    assert sim.driver_of(E1000) == "vfio-pci"
+    assert run_hook("vm3", "prepare", "begin", domain_xml("vm3", pci(NIC, managed="yes"))) == 0
+    assert NIC not in journal()
+    assert cli_main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert "version 99 is newer" in out
+    assert run_hook("vm2", "release", "end", b"") == 0
+    assert sim.driver_of(E1000) == "e1000e"
+
+
+def test_status_flags_an_entry_a_crashed_run_left_in_switching(sim, capsys):
+    sim.faults.crash_after_writes = 3  # claimed, switching, then the override write
+    with pytest.raises(SimCrash):
+        run_hook("vm1", "prepare", "begin", domain_xml("vm1", pci(NIC)))
+    sim.faults.crash_after_writes = None
+    entries = json.loads((Path(os.environ["VFIO_LIBVIRT_STATE_DIR"]) / "journal.json").read_text())
+    entries["devices"][NIC]["pid"] = 2**22 + 1  # the crashed hook's pid: no such process now
+    (Path(os.environ["VFIO_LIBVIRT_STATE_DIR"]) / "journal.json").write_text(json.dumps(entries))
+    assert cli_main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert f"{NIC}: vm1's entry is stuck in switching since" in out
+    assert "run: vfio-libvirt restore --domain vm1" in out
+    assert cli_main(["doctor", "--json"]) == 1
+    findings = json.loads(capsys.readouterr().out)
+    assert any(f["level"] == "fail" and "stuck in switching" in f["what"] for f in findings)
+
+
+def test_doctor_flags_a_device_the_journal_puts_on_vfio_that_has_no_driver(sim, capsys):
+    assert run_hook("vm1", "prepare", "begin", domain_xml("vm1", pci(NIC))) == 0
+    sim.write(sim.devices / NIC / "driver" / "unbind", NIC)  # someone unbound it behind our back
+    assert cli_main(["doctor", "--json"]) == 1
+    findings = json.loads(capsys.readouterr().out)
+    assert {"level": "fail", "what": f"drift: {NIC}: journal says vm1 has it on virtio-vfio-pci, "
+            "sysfs says no driver", "fix": ""} in findings
