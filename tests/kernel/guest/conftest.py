@@ -13,12 +13,14 @@ every test here `real_sysfs` (pytestmark) or it sees an empty fake /sys.
 To add a test that drives the product against the real kernel, add a
 test_guest_*.py here and use: `pci` (the test devices with sysfs helpers,
 see guest_sysfs.py), `product` (runs `python3 -m vfio_libvirt` from the
-repo), `harness` (tests/vm/guest.py: BDFs, module and driver names).
+repo), `hook` (runs hooks/qemu as libvirtd would), `harness`
+(tests/vm/guest.py: BDFs, module and driver names).
 Every test starts and ends with the test devices on their boot drivers.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -94,4 +96,33 @@ def product(repo, tmp_path):
                               cwd=repo, env=full_env, input=input, capture_output=True,
                               text=True, timeout=timeout, check=False)
 
+    return run
+
+
+@pytest.fixture
+def hook(repo, tmp_path):
+    """run(name, op, subop, xml) -> CompletedProcess of hooks/qemu, as libvirtd runs it.
+
+    Fresh state dir and config per test: libvirt 11.3 (variants allowed) and a 20 s
+    restore deadline, so a restore that cannot succeed fails in bounded time.
+    run.state / run.config are their paths (pass them to `product` to share them);
+    run.journal() is the journal's devices ({} when there is no journal file).
+    """
+    state = tmp_path / "state"
+    config = tmp_path / "config.toml"
+    config.write_text('[libvirt]\nversion = "11.3.0"\n[timeouts]\nrestore_seconds = 20\n')
+
+    def run(name: str, op: str, subop: str, xml: str = "", *,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+        H.require_guest()
+        full_env = {**os.environ, "VFIO_LIBVIRT_STATE_DIR": str(state),
+                    "VFIO_LIBVIRT_CONFIG": str(config), **(env or {})}
+        return subprocess.run([H.GUEST_PYTHON, str(repo / "hooks" / "qemu"), name, op, subop, "-"],
+                              input=xml, env=full_env, capture_output=True, text=True,
+                              timeout=120, check=False)
+
+    run.state = state
+    run.config = config
+    run.journal = lambda: (json.loads((state / "journal.json").read_text())["devices"]
+                           if (state / "journal.json").exists() else {})
     return run

@@ -7,9 +7,12 @@ writing is not possible.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from tests.vm import guest as H
@@ -58,6 +61,24 @@ class PciDevice:
     @property
     def iommu_group(self) -> str:
         return os.path.basename(os.readlink(self.path / "iommu_group"))
+
+    @property
+    def pci_id(self) -> str:
+        """Vendor and device ID as a driver's new_id/remove_id want them: "8086 10d3"."""
+        return f"{self.attr('vendor')[2:]} {self.attr('device')[2:]}"
+
+    def netdev_ifindexes(self) -> dict[str, str]:
+        """Network interface name -> ifindex, for the device's netdevs.
+
+        An unbind/rebind destroys the netdev and makes a new one with a new ifindex,
+        so an unchanged map proves nobody rebound the device.  virtio devices have
+        their netdev one level down (virtioN/net/).
+        """
+        found = {}
+        for pattern in ("net/*/ifindex", "virtio*/net/*/ifindex"):
+            for path in self.path.glob(pattern):
+                found[path.parent.name] = path.read_text().strip()
+        return found
 
     def group_members(self) -> list[str]:
         return sorted(os.listdir(self.path / "iommu_group" / "devices"))
@@ -111,3 +132,37 @@ class Pci:
     @property
     def e1000e(self) -> PciDevice:
         return self.devices[H.E1000E.name]
+
+
+def add_dynamic_id(driver: str, dev: PciDevice) -> None:
+    """Make `driver` match the device's vendor:device ID (its new_id file)."""
+    write_sysfs(SYS_PCI / "drivers" / driver / "new_id", dev.pci_id)
+
+
+def remove_dynamic_id(driver: str, dev: PciDevice) -> None:
+    """Undo add_dynamic_id; harmless when the ID (or the driver) is not there."""
+    with contextlib.suppress(OSError):
+        write_sysfs(SYS_PCI / "drivers" / driver / "remove_id", dev.pci_id)
+
+
+@contextlib.contextmanager
+def holding_vfio_group(dev: PciDevice) -> Iterator[subprocess.Popen]:
+    """A separate process holds /dev/vfio/<group> of `dev` open until the block ends.
+
+    That is what a running QEMU does; the product must see it as the device's holder.
+    """
+    H.require_guest()
+    group = f"/dev/vfio/{dev.iommu_group}"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import os, time; fd = os.open({group!r}, os.O_RDWR); "
+         "print('open', flush=True); time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+    try:
+        line = holder.stdout.readline().strip() if holder.stdout else ""
+        if line != "open":
+            raise RuntimeError(f"could not open {group} in a holder process (rc={holder.poll()})")
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+        if holder.stdout:
+            holder.stdout.close()
