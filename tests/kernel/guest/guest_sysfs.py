@@ -71,8 +71,9 @@ class PciDevice:
         """Network interface name -> ifindex, for the device's netdevs.
 
         An unbind/rebind destroys the netdev and makes a new one with a new ifindex,
-        so an unchanged map proves nobody rebound the device.  virtio devices have
-        their netdev one level down (virtioN/net/).
+        so unchanged ifindexes prove nobody rebound the device (compare the values:
+        udev renames a new netdev, eth0 -> enp0s16, without a new ifindex).  virtio
+        devices have their netdev one level down (virtioN/net/).
         """
         found = {}
         for pattern in ("net/*/ifindex", "virtio*/net/*/ifindex"):
