@@ -17,6 +17,7 @@ from vfio_libvirt.cli_common import Command, emit_json, read_input, require_vali
 from vfio_libvirt.errors import InputError, OperationError
 from vfio_libvirt.settings import MAX_XML_BYTES, Settings
 
+CLI_DRIVER = "--driver {} on the command line"
 HOOK_PATH = "/etc/libvirt/hooks/qemu.d/vfio-libvirt"
 HOOK_OPS = {
     "prepare": "begin", "start": "begin", "started": "begin", "stopped": "end",
@@ -38,11 +39,11 @@ def _load_domain(args: argparse.Namespace):
 
 
 def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
-    from vfio_libvirt.lifecycle import Host, make_plan
+    from vfio_libvirt.lifecycle import Host, preview
 
     require_valid_config(settings)
     domain = _load_domain(args)
-    plan = make_plan(Host(settings, read_only=True), domain)
+    plan = preview(Host(settings, read_only=True), domain)
     if args.json:
         emit_json(plan.to_json())
     else:
@@ -52,7 +53,7 @@ def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
             print(step.describe())
         for problem in plan.problems:
             print(f"refused: {problem}")
-    return 1 if plan.problems else 0
+    return (2 if plan.bad_input else 1) if plan.problems else 0
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
@@ -133,7 +134,8 @@ def cmd_bind(args: argparse.Namespace, settings: Settings) -> int:
 
     address = PciAddress.parse(args.bdf)
     hostdev = HostDev(address, managed=False, origin="hostdev",
-                      driver_model=module_name(args.driver) if args.driver else None)
+                      driver_model=module_name(args.driver) if args.driver else None,
+                      driver_source=CLI_DRIVER)
     domain = Domain(name=owner_name(args.owner), uuid=None, hostdevs=(hostdev,))
     require_valid_config(settings)
     plan = prepare(Host(settings), domain)
@@ -155,19 +157,23 @@ def cmd_restore(args: argparse.Namespace, settings: Settings) -> int:
     if args.bdf:
         print(restore_device(host, args.bdf))
         return 0
-    owners = {e.domain for e in host.journal.read().entries.values()}
-    if args.domain and args.domain not in owners:
-        print(f"nothing to restore: no device of domain {args.domain} in the journal")
-        return 0
-    if not owners:
-        print("nothing to restore: the journal is empty")
-        return 0
+    snapshot = host.journal.read()
+    owners = {e.domain for e in snapshot.entries.values()}
+    if not snapshot.problems:  # an unreadable journal may name anyone's devices: say so below
+        if args.domain and args.domain not in owners:
+            print(f"nothing to restore: no device of domain {args.domain} in the journal")
+            return 0
+        if not owners:
+            print("nothing to restore: the journal is empty")
+            return 0
     domains = [args.domain] if args.domain else sorted(owners)
-    failures = [f for name in domains for f in release(host, name)]
+    failures = [f for name in domains for f in release(host, name)] if domains else [
+        f"journal: {problem}" for problem in snapshot.problems]
+    failures = list(dict.fromkeys(failures))  # each domain's release repeats the journal's problems
     for failure in failures:
         print(f"not restored: {failure}", file=sys.stderr)
     if failures:
-        raise OperationError(f"{len(failures)} device(s) could not be restored (see above)")
+        raise OperationError(f"restore incomplete: {len(failures)} problem(s) (see above)")
     print(f"restored every device of {', '.join(domains)}")
     return 0
 

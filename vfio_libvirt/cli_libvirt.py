@@ -299,7 +299,8 @@ def cmd_attach(args: argparse.Namespace, settings: Settings) -> int:
         if not dom.isActive():
             raise InputError(f"domain {args.domain} is not running")
         plan = prepare(host, Domain(args.domain, dom.UUIDString(), (
-            HostDev(address, managed=False, driver_model=args.driver, origin="hostdev"),)))
+            HostDev(address, managed=False, driver_model=args.driver, origin="hostdev",
+                    driver_source="--driver {} on the command line"),)))
         for step in plan.steps:
             print(step.describe())
         flags = _affect_flags(libvirt, args.persistent)

@@ -66,9 +66,9 @@ class ConfigProblem:
 @dataclass(frozen=True)
 class Config:
     bind_timeout: float = _DEFAULT_BIND
-    """Seconds a device may take to reach its VFIO driver before prepare gives up."""
+    """Seconds a whole prepare may take (waits included) before it gives up and rolls back."""
     restore_timeout: float = _DEFAULT_RESTORE
-    """Seconds a device may take to get back to its host driver (a process may still hold it)."""
+    """Seconds a whole release may take to give every device back (a holder is waited for once)."""
     companions: CompanionPolicy = "refuse"
     libvirt_version: tuple[int, ...] | None = None
     driver_overrides: dict[PciAddress, str] = field(default_factory=dict)

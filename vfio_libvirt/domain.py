@@ -34,6 +34,8 @@ class HostDev:
     managed: bool
     driver_model: str | None
     origin: Origin
+    driver_source: str = "<driver model='{}'/> in the domain XML"
+    """Where `driver_model` came from, for the reason a plan gives (the CLI's --driver too)."""
 
     def to_json(self) -> dict[str, object]:
         return {

@@ -70,7 +70,7 @@ def _guarded(domain_name: str, action) -> int:
 def _prepare(domain_name: str, data: bytes, dry_run: bool) -> int:
     from vfio_libvirt.domain import Domain
     from vfio_libvirt.errors import InputError
-    from vfio_libvirt.lifecycle import Host, make_plan, prepare
+    from vfio_libvirt.lifecycle import Host, prepare, preview
     from vfio_libvirt.settings import Settings
 
     domain = Domain.from_xml(data)
@@ -80,12 +80,12 @@ def _prepare(domain_name: str, data: bytes, dry_run: bool) -> int:
         return 0
     host = Host(Settings.from_env(), read_only=dry_run)
     if dry_run:
-        plan = make_plan(host, domain)
+        plan = preview(host, domain)
         for step in plan.steps:
             print(step.describe())
         for problem in plan.problems:
             print(f"refused: {problem}")
-        return 1 if plan.problems else 0
+        return (2 if plan.bad_input else 1) if plan.problems else 0
     prepare(host, domain)
     return 0
 

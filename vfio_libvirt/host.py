@@ -17,6 +17,7 @@ from vfio_libvirt.apply import Switcher
 from vfio_libvirt.config import Config
 from vfio_libvirt.domain import Domain
 from vfio_libvirt.errors import InputError, VfioLibvirtError
+from vfio_libvirt.locks import DomainLocks
 from vfio_libvirt.pci import PciAddress
 from vfio_libvirt.plan import Context, DeviceState, Plan, plan_prepare
 from vfio_libvirt.settings import Settings
@@ -42,6 +43,10 @@ class Host:
     @cached_property
     def journal(self) -> Journal:
         return Journal(self.settings.state_dir)
+
+    @cached_property
+    def domain_locks(self) -> DomainLocks:
+        return DomainLocks(self.settings.state_dir)
 
     @cached_property
     def config(self) -> Config:

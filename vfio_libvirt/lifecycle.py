@@ -22,7 +22,7 @@ from vfio_libvirt.pci import PciAddress
 from vfio_libvirt.plan import Plan, Step
 from vfio_libvirt.state import Entries, Entry
 
-__all__ = ["Host", "PlanRefused", "drift", "make_plan", "prepare", "release", "restore_device"]
+__all__ = ["Host", "PlanRefused", "drift", "make_plan", "prepare", "preview", "release", "restore_device"]
 
 log = logging.getLogger("vfio_libvirt")
 
@@ -43,8 +43,19 @@ class PlanRefused(OperationError):
 
 # --- prepare ---------------------------------------------------------------------------
 def prepare(host: Host, domain: Domain) -> Plan:
-    """Bind every managed='no' device of `domain` to its VFIO driver, or change nothing."""
-    plan, claimed, before = _plan_and_claim(host, domain)
+    """Bind every managed='no' device of `domain` to its VFIO driver, or change nothing.
+
+    The whole start, waits included, has one deadline (`bind_seconds`): libvirt puts no
+    timeout on hooks.  The domain's lock keeps an admin's `restore --domain` out until
+    this start has finished or rolled back.
+    """
+    deadline = time.monotonic() + host.config.bind_timeout
+    with host.domain_locks.hold(domain.name, host.config.bind_timeout):
+        return _prepare(host, domain, deadline)
+
+
+def _prepare(host: Host, domain: Domain, deadline: float) -> Plan:
+    plan, claimed, before = _plan_and_claim(host, domain, deadline)
     switched: list[Step] = []
     for step in plan.steps:
         if step.action != "bind":
@@ -53,8 +64,9 @@ def prepare(host: Host, domain: Domain) -> Plan:
         try:
             switched.append(step)
             entry.target_driver = host.switcher.driver_for_module(step.module or "")
-            _journal_status(host, entry, "switching")
-            host.switcher.bind(step.address, entry.target_driver, host.config.bind_timeout)
+            if not _journal_status(host, entry, "switching"):
+                raise OperationError("its journal entry was removed while the domain was starting")
+            host.switcher.bind(step.address, entry.target_driver, _left(deadline))
         except Exception as err:
             cause = describe(err)
             log.error("%s %s: bind to %s failed: %s", domain.name, step.address, step.module, cause)
@@ -62,7 +74,11 @@ def prepare(host: Host, domain: Domain) -> Plan:
             raise OperationError(
                 f"{step.address}: cannot bind {step.module}: {cause}; rolled back {undone} device(s)"
             ) from None
-        _journal_status(host, entry, "bound")
+        if not _journal_status(host, entry, "bound"):
+            log.error("%s %s: bound, but its journal entry was removed meanwhile; recording it again",
+                      domain.name, step.address)
+            with host.journal.transaction() as entries:
+                entries[entry.address] = entry
         log.info("%s %s: bound to %s (%s)", domain.name, step.address, entry.target_driver, step.reason)
     for step in plan.steps:
         if step.action != "bind":
@@ -70,7 +86,30 @@ def prepare(host: Host, domain: Domain) -> Plan:
     return plan
 
 
-def _plan_and_claim(host: Host, domain: Domain) -> tuple[Plan, dict[str, Entry], dict[str, Entry | None]]:
+def preview(host: Host, domain: Domain) -> Plan:
+    """What `prepare` would do now, journal included (for `plan` and dry runs); writes nothing."""
+    plan = make_plan(host, domain)
+    snapshot = host.journal.read()
+    problems = []
+    for step in plan.steps:
+        key = str(step.address)
+        if key in snapshot.blocked and step.action in ("bind", "keep"):
+            problems.append(f"{key}: {snapshot.blocked[key]}")
+        entry = snapshot.entries.get(key)
+        if entry is not None and entry.domain != domain.name:
+            problems.append(f"{key} is in use by domain {entry.domain} ({entry.status}); a start "
+                            f"would wait up to {host.config.bind_timeout:g} s for it to be given back")
+    return replace(plan, problems=plan.problems + tuple(problems)) if problems else plan
+
+
+def _left(deadline: float) -> float:
+    """Seconds left before `deadline`; zero still buys one attempt (tenacity tries once)."""
+    return max(0.0, deadline - time.monotonic())
+
+
+def _plan_and_claim(
+    host: Host, domain: Domain, deadline: float
+) -> tuple[Plan, dict[str, Entry], dict[str, Entry | None]]:
     """Plan from sysfs and claim in the journal under one lock, so no stop can slip between.
 
     libvirt frees a stopping domain's devices before its `release` hook has given them
@@ -79,7 +118,6 @@ def _plan_and_claim(host: Host, domain: Domain) -> tuple[Plan, dict[str, Entry],
     and waiting while another domain's entry still holds one, closes that window.
     """
     host.libvirt_version  # noqa: B018 -- may run `virtqemud --version`: not under the lock
-    deadline = time.monotonic() + host.config.bind_timeout
     while True:
         with host.journal.transaction() as entries:
             plan = make_plan(host, domain)
@@ -93,7 +131,7 @@ def _plan_and_claim(host: Host, domain: Domain) -> tuple[Plan, dict[str, Entry],
             address, entry = holder
             raise OperationError(
                 f"{address} is in use by domain {entry.domain} ({entry.status}) and was not given "
-                f"back within {host.config.bind_timeout:g} s; if that domain is gone, run: "
+                f"back in time ({host.config.bind_timeout:g} s); if that domain is gone, run: "
                 f"vfio-libvirt restore --domain {entry.domain}"
             )
         time.sleep(WAIT_POLL)
@@ -145,7 +183,13 @@ def _claim(entries: Entries, domain: Domain, plan: Plan) -> dict[str, Entry]:
             # Started again without a release: what the device had before *this domain*
             # first took it stays the truth; a role that owns a restore stays so.
             entry = replace(old, uuid=domain.uuid)
-            if old.role not in ("bind", "companion"):
+            if old.role in ("bind", "companion"):
+                pass
+            elif role == "keep" and old.original_driver != step.original_driver:
+                # it sits on a VFIO driver because of this domain (libvirt bound it for
+                # a managed='yes' start): its way home is still owed
+                entry.role = "bind"
+            else:
                 entry.role = role  # type: ignore[assignment]
             entry.touch(status)  # type: ignore[arg-type]
         entry.target_module = step.module
@@ -172,9 +216,10 @@ def _rollback(
 ) -> int:
     """Undo this run and nothing else: devices back to how it found them, entries too."""
     undone = 0
+    deadline = time.monotonic() + host.config.restore_timeout
     for step in reversed(switched):
         entry = claimed[str(step.address)]
-        if _restore_entry(host, entry, step.original_driver, step.original_override):
+        if _restore_entry(host, entry, step.original_driver, step.original_override, deadline):
             undone += 1
     with host.journal.transaction() as entries:
         for key in claimed:
@@ -190,15 +235,23 @@ def _rollback(
 
 # --- release and restore ---------------------------------------------------------------
 def release(host: Host, domain_name: str) -> list[str]:
-    """Give back everything the journal says `domain_name` took; return the failures."""
-    failures = []
-    for entry in host.journal.read().for_domain(domain_name):
-        if entry.role != "keep" and not _restore_entry(
-            host, entry, entry.original_driver, entry.original_override
-        ):
-            failures.append(f"{entry.address}: {entry.error}")
-            continue
-        _forget(host, entry)
+    """Give back everything the journal says `domain_name` took; return the failures.
+
+    One deadline (`restore_seconds`) covers the whole release: a holder that keeps one
+    device keeps its whole IOMMU group, and waiting again per device would multiply it.
+    A journal this version cannot read is a failure too: it may name this domain's devices.
+    """
+    deadline = time.monotonic() + host.config.restore_timeout
+    with host.domain_locks.hold(domain_name, host.config.restore_timeout):
+        snapshot = host.journal.read()
+        failures = [f"journal: {problem}" for problem in snapshot.problems]
+        for entry in snapshot.for_domain(domain_name):
+            if entry.role != "keep" and not _restore_entry(
+                host, entry, entry.original_driver, entry.original_override, deadline
+            ):
+                failures.append(f"{entry.address}: {entry.error}")
+                continue
+            _forget(host, entry)
     return failures
 
 
@@ -216,9 +269,14 @@ def restore_device(host: Host, bdf: str) -> str:
     snapshot = host.journal.read()
     entry = snapshot.entries.get(str(address))
     if entry is not None:
-        if not _restore_entry(host, entry, entry.original_driver, entry.original_override):
-            raise OperationError(f"{address}: {entry.error}")
-        _forget(host, entry)
+        with host.domain_locks.hold(entry.domain, host.config.restore_timeout):
+            entry = host.journal.read().entries.get(str(address))  # as the last run left it
+            if entry is None:
+                return f"{address}: already restored by another run"
+            deadline = time.monotonic() + host.config.restore_timeout
+            if not _restore_entry(host, entry, entry.original_driver, entry.original_override, deadline):
+                raise OperationError(f"{address}: {entry.error}")
+            _forget(host, entry)
         return f"{address}: restored to {entry.original_driver or 'no driver'} (from the journal)"
     if str(address) in snapshot.blocked:
         raise OperationError(f"{address}: {snapshot.blocked[str(address)]}")
@@ -251,20 +309,24 @@ def _restore_unjournaled(host: Host, address: PciAddress) -> str:
     raise OperationError(f"{address}: no host driver takes it; left on {before or 'no driver'}")
 
 
-def _restore_entry(host: Host, entry: Entry, driver: str | None, override: str | None) -> bool:
+def _restore_entry(
+    host: Host, entry: Entry, driver: str | None, override: str | None, deadline: float
+) -> bool:
     """Send one device to `driver`; on failure keep it on its VFIO driver and record why."""
     address = PciAddress.parse(entry.address)
     if not host.sysfs.exists(address):
         log.warning("%s %s: device is gone; forgetting it", entry.domain, address)
         return True
     current = host.sysfs.driver(address)
+    if host.on_vfio_driver(address):
+        entry.target_driver = current  # where to put it back if the restore fails
     if entry.role == "watch" and current != driver:
         log.warning("%s %s: libvirt left it on %s, not %s; restoring", entry.domain, address,
                     current or "no driver", driver or "no driver")
     if not _journal_status(host, entry, "restoring"):
         return True  # someone else (a concurrent restore) finished it
     try:
-        host.switcher.restore(address, driver, override, host.config.restore_timeout)
+        host.switcher.restore(address, driver, override, _left(deadline))
     except Exception as err:
         cause = describe(err)
         fallback = _fallback_to_vfio(host, entry, address)
@@ -307,10 +369,10 @@ def drift(host: Host, domain_name: str | None = None) -> list[str]:
         if not host.sysfs.exists(address):
             found.append(f"{address}: in the journal for {entry.domain} but gone from the host")
             continue
-        if entry.is_stale():
+        if entry.in_flight and not host.domain_locks.busy(entry.domain):
             since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry.updated))
             found.append(f"{address}: {entry.domain}'s entry is stuck in {entry.status} since {since} "
-                         f"(pid {entry.pid}, no longer at work on it); "
+                         f"(written by pid {entry.pid}; no run is at work on that domain); "
                          f"run: vfio-libvirt restore --domain {entry.domain}")
             continue
         current = host.sysfs.driver(address)

@@ -188,7 +188,7 @@ def _plan_device(hostdev: HostDev, state: DeviceState, ctx: Context) -> Step:
     }
     if hostdev.managed:
         if hostdev.driver_model is not None:  # libvirt would bind it: the same rule applies
-            _require_vfio(hostdev.driver_model, f"<driver model='{hostdev.driver_model}'/>", ctx)
+            _require_vfio(hostdev.driver_model, hostdev.driver_source.format(hostdev.driver_model), ctx)
         if hostdev.address in ctx.config.never_touch:
             raise InputError(
                 "is never_touch in the host config, but managed='yes' lets libvirt rebind it"
@@ -216,7 +216,7 @@ def _plan_device(hostdev: HostDev, state: DeviceState, ctx: Context) -> Step:
 def choose_module(hostdev: HostDev, state: DeviceState, ctx: Context) -> tuple[str, str]:
     """The VFIO module for a managed='no' device, and the reason it was chosen."""
     explicit = [
-        (hostdev.driver_model, "<driver model='{}'/> in the domain XML"),
+        (hostdev.driver_model, hostdev.driver_source),
         (ctx.vm_policy.drivers.get(hostdev.address), "the domain's vfio-libvirt metadata asks for {}"),
         (ctx.config.driver_overrides.get(hostdev.address), "the host config asks for {}"),
     ]

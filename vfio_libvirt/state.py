@@ -17,7 +17,6 @@ removes it.  Unknown fields are kept on rewrite, so a downgrade loses nothing.
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from vfio_libvirt.errors import InputError, OperationError
+from vfio_libvirt.locks import flock_file
 from vfio_libvirt.pci import PciAddress
 
 Role = Literal["bind", "companion", "watch", "keep"]
@@ -71,8 +71,9 @@ class Entry:
     error: str = ""
     updated: float = field(default_factory=time.time)
     pid: int | None = field(default_factory=os.getpid)
-    """The process that last wrote the entry: a transient status whose writer is gone
-    is what a crashed run left behind.  None when a writer older than the field made it."""
+    """The process that last wrote the entry, for the admin reading status; whether a run
+    is still at work on it is told by the domain lock (locks.DomainLocks.busy), because
+    a pid can be reused.  None when a writer older than the field made it."""
     extra: dict[str, object] = field(default_factory=dict)
     """Fields a newer version wrote; written back as they were, beside the known ones."""
 
@@ -82,14 +83,10 @@ class Entry:
         self.updated = time.time()
         self.pid = os.getpid()
 
-    def is_stale(self, now: float | None = None, max_age: float = 120.0) -> bool:
-        """True for a claimed/switching/restoring entry nobody is working on any more: its
-        writer is gone or unknown, or it has not moved for `max_age` seconds (a pid can be
-        reused, so a live pid alone does not prove the run is still going)."""
-        if self.status not in _TRANSIENT:
-            return False
-        age = (time.time() if now is None else now) - self.updated
-        return self.pid is None or age > max_age or not _alive(self.pid)
+    @property
+    def in_flight(self) -> bool:
+        """Claimed, switching or restoring: a run is (or was, if it died) at work on it."""
+        return self.status in _TRANSIENT
 
     def to_json(self) -> dict[str, object]:
         known = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
@@ -138,7 +135,10 @@ class Journal:
 
     def read(self) -> Snapshot:
         """A consistent copy, taken under the lock, for looking: it never renames or writes
-        anything, so an unreadable journal is only reported."""
+        anything, so an unreadable journal is only reported.  Nothing to read: nothing is
+        created either, not even the lock file (plans and dry runs write nothing)."""
+        if not self.path.exists() and not any(self.dir.glob(UNREADABLE_GLOB)):
+            return Snapshot({})
         with self._lock(exclusive=False):
             loaded = self._load(set_aside=False)
         return Snapshot(dict(loaded), dict(loaded.blocked), loaded.problems)
@@ -162,27 +162,10 @@ class Journal:
     def _lock(self, *, exclusive: bool, timeout: float | None = None) -> Iterator[None]:
         """Hold the journal lock, waiting at most `timeout` seconds: libvirt has no
         timeout on hooks, so a hook stuck here would hang the daemon's VM start."""
-        timeout = self.lock_timeout if timeout is None else timeout
         path = self.dir / LOCK
-        try:
-            self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as err:
-            raise OperationError(f"state dir {self.dir}: {err.strerror}") from None
-        try:
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        msg = f"journal lock {path} held by another process for {timeout:g}s"
-                        raise OperationError(msg) from None
-                    time.sleep(0.02)
+        with flock_file(path, exclusive=exclusive, what=f"journal lock {path}",
+                        timeout=self.lock_timeout if timeout is None else timeout):
             yield
-        finally:
-            os.close(fd)
 
     def _load(self, *, set_aside: bool) -> Entries:
         entries = Entries()
@@ -348,16 +331,6 @@ def _read(path: Path) -> bytes | None:
         return None
     except OSError as err:
         raise OperationError(f"journal {path}: {err.strerror}") from None
-
-
-def _alive(pid: int) -> bool:
-    """Whether process `pid` exists (0 and negatives name process groups, never a writer)."""
-    try:
-        return pid > 0 and os.kill(pid, 0) is None
-    except PermissionError:
-        return True  # it exists, under another user
-    except (OverflowError, OSError):  # ProcessLookupError, or a pid no process can have
-        return False
 
 
 def _move_no_replace(src: Path, dst: Path) -> None:

@@ -69,8 +69,16 @@ def test_journal_format_is_versioned_json(tmp_path):
 
 def test_state_dir_that_cannot_be_created_raises(tmp_path):
     (tmp_path / "file").write_text("")
-    with pytest.raises(OperationError, match="state dir"):
-        Journal(tmp_path / "file" / "state").read()
+    with pytest.raises(OperationError, match="state dir"), Journal(tmp_path / "file" / "state").transaction():
+        pass
+
+
+def test_reading_an_absent_journal_creates_nothing(tmp_path):
+    assert Journal(tmp_path / "state").read().entries == {}
+    assert not (tmp_path / "state").exists()
+    (tmp_path / "state").mkdir()
+    assert Journal(tmp_path / "state").read().entries == {}
+    assert list((tmp_path / "state").iterdir()) == []
 
 
 # --- journals this version cannot read ------------------------------------------------
@@ -271,38 +279,18 @@ def test_entry_from_an_older_writer_has_no_pid_and_is_not_rewritten_for_it(tmp_p
     text = json.dumps({"version": 1, "devices": {"0000:00:10.0": old}})
     journal.path.write_text(text)
     read = journal.read().entries["0000:00:10.0"]
-    assert read.pid is None and read.is_stale()
+    assert read.pid is None
     with journal.transaction():
         pass
     assert journal.path.read_text() == text
 
 
-# --- stale entries ------------------------------------------------------------------------
-def dead_pid() -> int:
-    child = subprocess.Popen(["true"])
-    child.wait()
-    return child.pid
-
-
-def test_is_stale():
-    now = time.time()
-    assert entry(pid=dead_pid(), updated=now).is_stale(now)
-    assert entry(pid=None, updated=now).is_stale(now)
-    assert entry(pid=os.getpid(), updated=now - 121).is_stale(now)
-    assert entry(pid=os.getpid(), updated=now - 60).is_stale(now, max_age=30)
-    assert not entry(pid=os.getpid(), updated=now - 5).is_stale(now)
-    assert not entry(updated=time.time()).is_stale()
-    for status in ("switching", "restoring"):
-        assert entry(pid=dead_pid(), status=status).is_stale()
+# --- entries in flight -------------------------------------------------------------------
+def test_in_flight_is_claimed_switching_or_restoring():
+    for status in ("claimed", "switching", "restoring"):
+        assert entry(status=status).in_flight
     for status in ("bound", "watching", "restore-failed"):
-        assert not entry(pid=dead_pid(), updated=0.0, status=status).is_stale(now)
-
-
-def test_is_stale_counts_a_process_of_another_user_as_alive(monkeypatch):
-    def kill(pid, sig):
-        raise PermissionError
-    monkeypatch.setattr(state.os, "kill", kill)
-    assert not entry(pid=1, updated=time.time()).is_stale()
+        assert not entry(status=status).in_flight
 
 
 def test_touch_records_the_writer():
@@ -327,6 +315,7 @@ def test_lock_wait_is_bounded(tmp_path):
     try:
         assert holder.stdout.readline() == "locked\n"
         journal = Journal(tmp_path, lock_timeout=0.3)
+        journal.path.write_text('{"version": 1, "devices": {}}')  # something to read
         for use in (journal.read, lambda: journal.transaction().__enter__()):
             start = time.monotonic()
             with pytest.raises(OperationError, match=r"held by another process for 0.3s"):
