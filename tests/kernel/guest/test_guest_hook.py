@@ -8,7 +8,6 @@ vfio_pci_core standing in for upstream's virtio_vfio_pci.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -34,27 +33,6 @@ def hostdev(bdf: str, managed: str = "no", model: str | None = None) -> str:
 
 def domain(name: str, *devices: str) -> str:
     return f"<domain type='qemu'><name>{name}</name><devices>{''.join(devices)}</devices></domain>"
-
-
-@pytest.fixture
-def hook(repo, tmp_path):
-    state = tmp_path / "state"
-    config = tmp_path / "config.toml"
-    config.write_text('[libvirt]\nversion = "11.3.0"\n[timeouts]\nrestore_seconds = 20\n')
-
-    def run(name: str, op: str, subop: str, xml: str = "", *, env: dict | None = None):
-        H.require_guest()
-        full_env = {**os.environ, "VFIO_LIBVIRT_STATE_DIR": str(state),
-                    "VFIO_LIBVIRT_CONFIG": str(config), **(env or {})}
-        return subprocess.run([H.GUEST_PYTHON, str(repo / "hooks" / "qemu"), name, op, subop, "-"],
-                              input=xml, env=full_env, capture_output=True, text=True,
-                              timeout=120, check=False)
-
-    run.state = state
-    run.config = config
-    run.journal = lambda: (json.loads((state / "journal.json").read_text())["devices"]
-                           if (state / "journal.json").exists() else {})
-    return run
 
 
 def test_prepare_binds_variant_and_vfio_pci_then_release_restores(pci, hook):
@@ -90,14 +68,33 @@ def test_libvirt_9_policy_binds_vfio_pci_even_where_a_variant_matches(pci, hook)
 
 
 def test_failing_prepare_rolls_back_on_the_real_kernel(pci, hook):
-    xml = domain("vm1", hostdev(NIC), hostdev(E1000, model="no_such_vfio_pci"))
-    proc = hook("vm1", "prepare", "begin", xml)
-    assert proc.returncode == 1
+    """The e1000e is given a VFIO variant whose module cannot be loaded: the NIC, already
+    switched by this start, goes back to virtio-pci and the journal is empty."""
+    H.require_guest()
+    subprocess.run(["modprobe", "-r", H.VARIANT_VENDOR_MODULE], capture_output=True, check=False)
+    assert not Path(f"/sys/module/{H.VARIANT_VENDOR_MODULE}").exists()
+    xml = domain("vm1", hostdev(NIC), hostdev(E1000, model=H.VARIANT_VENDOR_MODULE))
+    proc = hook("vm1", "prepare", "begin", xml,
+                env={"VFIO_LIBVIRT_MODPROBE": f"sh -c 'case $0 in {H.VARIANT_VENDOR_MODULE}) "
+                     "echo \"modprobe: FATAL: no\" >&2; exit 1;; *) exec modprobe \"$0\";; esac'"})
+    assert proc.returncode == 1, proc.stderr
     assert proc.stderr.count("\n") == 1
-    assert f"{E1000}: cannot bind no_such_vfio_pci: modprobe no_such_vfio_pci failed" in proc.stderr
+    assert f"{E1000}: cannot bind {H.VARIANT_VENDOR_MODULE}: modprobe {H.VARIANT_VENDOR_MODULE} failed" \
+        in proc.stderr
+    assert "rolled back" in proc.stderr
     assert pci["virtio-net"].driver == "virtio-pci" and pci["virtio-net"].override == "(null)"
     assert pci["e1000e"].driver == "e1000e"
     assert hook.journal() == {}
+
+
+@pytest.mark.parametrize("model", ["e1000e", "virtio-pci", "no_such_vfio_pci"])
+def test_an_explicit_driver_that_is_no_vfio_driver_is_refused_before_any_write(pci, hook, model):
+    xml = domain("vm1", hostdev(NIC), hostdev(E1000, model=model))
+    proc = hook("vm1", "prepare", "begin", xml)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and f"{model} is not a VFIO driver" in proc.stderr
+    assert pci["virtio-net"].driver == "virtio-pci" and pci["e1000e"].driver == "e1000e"
+    assert not hook.state.exists() or hook.journal() == {}
 
 
 def test_reconnect_reports_drift_and_changes_nothing(pci, hook, product):
