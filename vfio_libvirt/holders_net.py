@@ -1,0 +1,231 @@
+"""What the host's network uses an interface for: routes, addresses, bridges and bonds.
+
+The facts come from iproute2's JSON output (`ip -j -d addr show`, `ip -j route show`,
+`ip -j -6 route show`), not from pyroute2 or netlink of our own: the dependency list
+is fixed (libvirt-python, lxml, tenacity) and iproute2 is on every Debian host.  The
+three commands run once per reader, in parallel, and only when a device has network
+interfaces at all.  Which interface sits on top of which (bridge, bond, team, VLAN)
+comes from sysfs (`master`, `upper_*`), with `ip -d`'s link kind to name it.
+
+An interface whose default route we cannot rule out — `ip` missing, failing, or
+printing something that is not its JSON — is reported as a critical "unknown": a
+guard that cannot tell must refuse.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vfio_libvirt.holders import Holder
+
+IP_TIMEOUT = 10.0
+"""Seconds for all three `ip` calls together; `ip` answers in milliseconds."""
+_COMMANDS = (("-j", "-d", "addr", "show"), ("-j", "route", "show"), ("-j", "-6", "route", "show"))
+_DEFAULT = {"default", "0.0.0.0/0", "::/0"}
+_MAX_DEPTH = 8
+
+
+@dataclass(frozen=True)
+class IpFacts:
+    links: dict[str, dict[str, Any]]
+    """ifname → its `ip -j -d addr show` object."""
+    defaults: dict[str, list[tuple[str, str | None]]]
+    """ifname → default routes through it: (family "", "IPv6 ", gateway or None)."""
+
+
+class IpState:
+    """The three `ip` answers, fetched on first use and kept."""
+
+    def __init__(self, ip: Sequence[str]) -> None:
+        self.ip = tuple(ip)
+        self._started: list[subprocess.Popen[bytes]] | str | None = None
+
+    def start(self) -> None:
+        """Launch the three commands now, so they run while the caller reads sysfs and /proc."""
+        if self._started is None:
+            self._started = _start_all(self._argvs)
+
+    @property
+    def _argvs(self) -> list[list[str]]:
+        return [[*self.ip, *args] for args in _COMMANDS]
+
+    @cached_property
+    def facts(self) -> IpFacts | str:
+        """The parsed answers, or a one-line reason why there are none."""
+        self.start()
+        assert self._started is not None
+        outputs = _collect(self._argvs, self._started)
+        if isinstance(outputs, str):
+            return outputs
+        try:
+            parsed = [json.loads(out or "[]") for out in outputs]
+        except ValueError:
+            return f"`{' '.join(self.ip)}` printed something that is not JSON"
+        if not all(isinstance(p, list) and all(isinstance(i, dict) for i in p) for p in parsed):
+            return f"`{' '.join(self.ip)}` printed JSON of an unexpected shape"
+        addrs, routes4, routes6 = parsed
+        links = {i["ifname"]: i for i in addrs if isinstance(i.get("ifname"), str)}
+        defaults: dict[str, list[tuple[str, str | None]]] = {}
+        for family, routes in (("", routes4), ("IPv6 ", routes6)):
+            for route in routes:
+                if route.get("dst") not in _DEFAULT:
+                    continue
+                hops = route.get("nexthops") if isinstance(route.get("nexthops"), list) else [route]
+                for hop in hops:
+                    if isinstance(hop, dict) and isinstance(hop.get("dev"), str):
+                        gateway = hop.get("gateway") or route.get("gateway")
+                        defaults.setdefault(hop["dev"], []).append(
+                            (family, gateway if isinstance(gateway, str) else None))
+        return IpFacts(links, defaults)
+
+
+def _start_all(argvs: list[list[str]]) -> list[subprocess.Popen[bytes]] | str:
+    """Start the commands side by side; the processes, or why they could not start."""
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for argv in argvs:
+            procs.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE))
+    except OSError as err:
+        _kill(procs)
+        return f"cannot run `{argvs[0][0]}`: {err.strerror or err}"
+    return procs
+
+
+def _collect(argvs: list[list[str]], procs: list[subprocess.Popen[bytes]] | str) -> list[str] | str:
+    """Their stdouts, or why not (a failure, a timeout)."""
+    if isinstance(procs, str):
+        return procs
+    outputs = []
+    try:
+        for argv, proc in zip(argvs, procs, strict=True):
+            out, err = proc.communicate(timeout=IP_TIMEOUT)
+            if proc.returncode != 0:
+                lines = err.decode(errors="replace").strip().splitlines()
+                return (f"`{' '.join(argv)}` failed (exit {proc.returncode})"
+                        + (f": {lines[0]}" if lines else ""))
+            outputs.append(out.decode(errors="replace"))
+    except subprocess.TimeoutExpired:
+        return f"`{' '.join(argvs[0])}` did not answer within {IP_TIMEOUT:.0f} s"
+    finally:
+        _kill(procs)
+    return outputs
+
+
+def _kill(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream:
+                stream.close()
+
+
+def interface_holders(ifname: str, class_net: Path, state: IpState) -> list[Holder]:
+    """Everything the host's network uses `ifname` for, most serious first."""
+    from vfio_libvirt.holders import Holder
+
+    facts = state.facts
+    if isinstance(facts, str):
+        return [Holder("unknown", ifname, f"cannot be checked for routes: {facts}", "critical")]
+    link = facts.links.get(ifname)
+    if link is None:
+        return [Holder("unknown", ifname, "cannot be checked for routes: `ip addr` does not list it "
+                       "(renamed meanwhile, or in another network namespace?)", "critical")]
+    holders = []
+    uppers = _uppers(ifname, class_net, facts)
+    for name, path in [(ifname, []), *uppers]:
+        for family, gateway in facts.defaults.get(name, []):
+            via = f" via {gateway}" if gateway else ""
+            through = f" (through {', '.join(path)})" if path else ""
+            holders.append(Holder("route", ifname, f"carries the {family}default route{via}{through}",
+                                  "critical"))
+    for name, path in uppers:
+        if len(path) == 1:  # a direct upper: the master, or a VLAN/macvlan on top
+            if name == _master(ifname, class_net, link):
+                holders.append(Holder("link", ifname, f"is a member of {path[0]}", "in_use"))
+            else:
+                holders.append(Holder("link", ifname, f"is the lower link of {path[0]}", "in_use"))
+    flags = link.get("flags") if isinstance(link.get("flags"), list) else []
+    addrs = [a for a in link.get("addr_info") or [] if isinstance(a, dict)]
+    global_addrs = [f"{a.get('local')}/{a.get('prefixlen')}" for a in addrs
+                    if a.get("scope") in ("global", "site") and a.get("local")]
+    if "UP" not in flags:
+        holders.append(Holder("netdev", ifname, "is down", "info"))
+    elif global_addrs:
+        holders.append(Holder("address", ifname, f"is up with {', '.join(global_addrs)}", "in_use"))
+    elif addrs:
+        holders.append(Holder("netdev", ifname, "is up with only link-local addresses", "info"))
+    else:
+        holders.append(Holder("netdev", ifname, "is up without addresses", "info"))
+    return holders
+
+
+def _uppers(ifname: str, class_net: Path, facts: IpFacts) -> list[tuple[str, list[str]]]:
+    """Interfaces stacked on `ifname` (master chain, VLANs), each with the path to it as
+    words ("bond bond0", "bridge br0"): a bond's default route is its members' too."""
+    found: list[tuple[str, list[str]]] = []
+    seen = {ifname}
+    frontier: list[tuple[str, list[str]]] = [(ifname, [])]
+    while frontier:
+        name, path = frontier.pop(0)
+        if len(path) >= _MAX_DEPTH:
+            continue
+        for upper in _direct_uppers(name, class_net, facts.links.get(name, {})):
+            if upper not in seen:
+                seen.add(upper)
+                step = [*path, _describe(upper, class_net, facts)]
+                found.append((upper, step))
+                frontier.append((upper, step))
+    return found
+
+
+def _direct_uppers(name: str, class_net: Path, link: dict[str, Any]) -> list[str]:
+    uppers = []
+    if master := _master(name, class_net, link):
+        uppers.append(master)
+    try:
+        entries = sorted(os.listdir(class_net / name))
+    except OSError:
+        entries = []
+    uppers += [e.removeprefix("upper_") for e in entries if e.startswith("upper_")]
+    return list(dict.fromkeys(uppers))
+
+
+def _master(name: str, class_net: Path, link: dict[str, Any]) -> str | None:
+    try:
+        return os.readlink(class_net / name / "master").rsplit("/", 1)[-1]
+    except OSError:
+        master = link.get("master")
+        return master if isinstance(master, str) else None
+
+
+def _describe(name: str, class_net: Path, facts: IpFacts) -> str:
+    """`bridge br0`, `bond bond0`, `vlan eth0.100`; just the name when no kind is known."""
+    info = facts.links.get(name, {}).get("linkinfo")
+    kind = info.get("info_kind") if isinstance(info, dict) else None
+    if not isinstance(kind, str):
+        kind = _sysfs_kind(class_net / name)
+    return f"{kind} {name}" if kind else name
+
+
+def _sysfs_kind(path: Path) -> str | None:
+    try:
+        for line in (path / "uevent").read_text(errors="replace").splitlines():
+            if line.startswith("DEVTYPE="):
+                return line.removeprefix("DEVTYPE=").strip() or None
+    except OSError:
+        pass
+    for sub, kind in (("bridge", "bridge"), ("bonding", "bond")):
+        if (path / sub).is_dir():
+            return kind
+    return None
