@@ -82,11 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     # one-way: these modules lean on cli_common, never on this module
-    from vfio_libvirt import cli_config, cli_host, cli_libvirt
+    from vfio_libvirt import cli_config, cli_holders, cli_host, cli_libvirt
 
     cli_host.register(command)
     cli_libvirt.register(command)
     cli_config.register(command)
+    cli_holders.register(command)
     return parser
 
 
