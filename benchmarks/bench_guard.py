@@ -1,0 +1,117 @@
+"""What the holder guard adds to a VM start: `HolderReader.read` for one device.
+
+    /usr/bin/python3 benchmarks/bench_guard.py
+
+A simulated host (tests/support/simhost.py) with about 2,000 processes — a tenth of
+them kernel threads, the rest with a few open files and a small maps file — and 100
+PCI devices (NVMe disks with partitions and mounts, NICs, GPUs).  Each sample is a
+fresh reader (nothing cached) reading one device, which includes the one pass over
+/proc; the median over the repeats is compared with the target of 20 ms.  The NIC
+case also runs `ip` three times (here a fake shell script, in parallel); a real host's
+`ip` costs about the same as that script.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO)]
+
+from tests.support.simhost import NVME, VIRTIO_NET, SimHost, resource_path  # noqa: E402
+from tests.support.simkernel import SimKernel  # noqa: E402
+from vfio_libvirt.holders import HolderReader  # noqa: E402
+from vfio_libvirt.pci import PciAddress  # noqa: E402
+
+GPU = "pci:v000010DEd00002204sv00001458sd00004043bc03sc00i00"
+PROCESSES = 2000
+TARGET_MS = 20.0
+
+
+def build(root: Path) -> tuple[SimHost, dict[str, str]]:
+    kernel = SimKernel(root)
+    host = SimHost(kernel)
+    picks = {}
+    for n in range(100):
+        bdf = f"0000:{n + 1:02x}:00.0"
+        if n % 3 == 0:
+            kernel.add_device(bdf, NVME, group=str(n), pci_class=0x010802, driver="nvme")
+            disk = f"nvme{n}n1"
+            host.nvme(bdf, ctrl=f"nvme{n}", namespace=disk, partitions=(f"{disk}p1", f"{disk}p2"))
+            host.mount(f"{disk}p1", f"/srv/disk{n}")
+            picks.setdefault("nvme", bdf)
+        elif n % 3 == 1:
+            kernel.add_device(bdf, VIRTIO_NET, group=str(n), driver="virtio-pci")
+            host.netdev(bdf, f"eth{n}", under=f"virtio{n}")
+            host.ip_link(f"eth{n}", addrs=(f"10.{n}.0.2/24", "fe80::2/64"))
+            picks.setdefault("nic", bdf)
+        else:
+            kernel.add_device(bdf, GPU, group=str(n), pci_class=0x030000, driver="nouveau")
+            host.drm(bdf, card=f"card{n}", render=f"renderD{128 + n}")
+            picks.setdefault("gpu", bdf)
+    host.ip_route("eth1", "10.1.0.1")
+    for pid in range(2, PROCESSES + 2):
+        if pid % 10 == 0:
+            host.process(pid, f"kworker/{pid}", kernel_thread=True)
+            continue
+        fds = ("/dev/null", f"socket:[{pid}]", f"pipe:[{pid}]", f"/var/log/app{pid}.log")
+        maps = ("/usr/bin/app", "/usr/lib/x86_64-linux-gnu/libc.so.6", "/usr/lib/locale/C.utf8")
+        if pid == 777:
+            maps += (resource_path(picks["gpu"]),)
+        host.process(pid, f"app{pid}", fds=fds + (("/dev/dri/card2",) if pid == 999 else ()), maps=maps)
+    return host, picks
+
+
+def sample(root: Path, ip: tuple[str, ...], bdf: str, repeat: int) -> list[float]:
+    address = PciAddress.parse(bdf)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        HolderReader(root, ip).read(address)
+        times.append((time.perf_counter() - start) * 1000)
+    return times
+
+
+def calibrate(root: Path) -> str:
+    """What this machine charges for the calls the scan is made of, to compare hosts."""
+    fd_dir = root / "proc" / "101" / "fd"
+    link = str(fd_dir / "0")
+    calls = {"readlink": lambda: os.readlink(link), "listdir": lambda: os.listdir(fd_dir)}
+    costs = []
+    for name, call in calls.items():
+        start = time.perf_counter()
+        for _ in range(2000):
+            call()
+        costs.append(f"{name} {(time.perf_counter() - start) / 2000 * 1e6:.1f} us")
+    return "this machine: " + ", ".join(costs)
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        host, picks = build(root)
+        print(calibrate(root))
+        ip = host.ip_command()
+        for kind, bdf in picks.items():
+            found = HolderReader(root, ip).read(PciAddress.parse(bdf))
+            times = sample(root, ip, bdf, 30)
+            median = statistics.median(times)
+            verdict = "OK" if median <= TARGET_MS else "OVER"
+            print(f"{kind:>4} {bdf}: median {median:6.2f} ms, min {min(times):6.2f} ms  "
+                  f"(target <= {TARGET_MS:.0f} ms: {verdict}); {len(found.holders)} holder(s): "
+                  + "; ".join(map(str, found.holders)))
+        reader = HolderReader(root, ip)
+        start = time.perf_counter()
+        for bdf in picks.values():
+            reader.read(PciAddress.parse(bdf))
+        print(f"one reader, all {len(picks)} devices above: {(time.perf_counter() - start) * 1000:.2f} ms")
+    print(f"simulated host: {PROCESSES} processes, 100 PCI devices")
+
+
+if __name__ == "__main__":
+    main()
