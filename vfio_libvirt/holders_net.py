@@ -17,11 +17,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from vfio_libvirt.holders_scan import printable
 
 if TYPE_CHECKING:
     from vfio_libvirt.holders import Holder
@@ -105,16 +108,19 @@ def _collect(argvs: list[list[str]], procs: list[subprocess.Popen[bytes]] | str)
     if isinstance(procs, str):
         return procs
     outputs = []
+    deadline = time.monotonic() + IP_TIMEOUT
     try:
         for argv, proc in zip(argvs, procs, strict=True):
-            out, err = proc.communicate(timeout=IP_TIMEOUT)
+            command = printable(" ".join(argv))
+            try:
+                out, err = proc.communicate(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                return f"`{command}` did not answer within {IP_TIMEOUT:g} s"
             if proc.returncode != 0:
                 lines = err.decode(errors="replace").strip().splitlines()
-                return (f"`{' '.join(argv)}` failed (exit {proc.returncode})"
-                        + (f": {lines[0]}" if lines else ""))
+                return (f"`{command}` failed (exit {proc.returncode})"
+                        + (f": {printable(lines[0])}" if lines else ""))
             outputs.append(out.decode(errors="replace"))
-    except subprocess.TimeoutExpired:
-        return f"`{' '.join(argvs[0])}` did not answer within {IP_TIMEOUT:.0f} s"
     finally:
         _kill(procs)
     return outputs

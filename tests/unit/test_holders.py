@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 
 from tests.support.simhost import NVME, VIRTIO_NET, SimHost, maps_line, resource_path
 from tests.support.simkernel import SimKernel
-from vfio_libvirt import holders_scan
+from vfio_libvirt import holders_net, holders_scan
 from vfio_libvirt.errors import InputError
 from vfio_libvirt.holders import DeviceHolders, Holder, HolderReader
 from vfio_libvirt.holders_scan import ProcessScan, parse_mountinfo, unescape
@@ -358,6 +359,17 @@ def test_missing_ip_or_garbage_json_is_a_critical_unknown(host, case):
     (unknown,) = read(host, NIC, HolderReader(host.root, ip)).holders
     assert (unknown.severity, unknown.kind, unknown.name) == ("critical", "unknown", "eth0")
     assert unknown.detail.startswith("cannot be checked for routes: ")
+
+
+def test_an_ip_that_hangs_is_a_critical_unknown_within_the_timeout(host, monkeypatch):
+    monkeypatch.setattr(holders_net, "IP_TIMEOUT", 0.3)
+    host.netdev(NIC, "eth0")
+    started = time.monotonic()
+    (unknown,) = read(host, NIC, HolderReader(host.root, ("sh", "-c", "sleep 5", "ip"))).holders
+    assert time.monotonic() - started < 3
+    assert (unknown.severity, unknown.kind) == ("critical", "unknown")
+    assert unknown.detail == ("cannot be checked for routes: `sh -c sleep 5 ip -j -d addr show` "
+                              "did not answer within 0.3 s")
 
 
 def test_an_interface_ip_does_not_list_is_a_critical_unknown(host):
