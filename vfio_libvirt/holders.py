@@ -20,6 +20,8 @@ NVMe namespaces, virtio disks and netdevs one level down, disks behind an HBA or
 controller are all found without walking the device's (large) sysfs subtree; anything
 below a nested PCI device (behind a bridge) belongs to that device, not this one.
 One reader caches everything host-wide, so the devices of one plan pay for it once.
+Block devices are read in `holders_block`, networks in `holders_net`, procfs and the
+small sysfs primitives in `holders_scan`.
 """
 
 from __future__ import annotations
@@ -206,6 +208,7 @@ class HolderReader:
         return nodes
 
     def _display(self, device: Path, chars: dict[str, str]) -> list[Holder]:
+        """fbcon on one of its framebuffers takes the console with it; boot_vga is only said."""
         holders = []
         for fb in sorted(n for n in chars if _FB.fullmatch(n)):
             fbcon = self._fbcon
@@ -220,6 +223,10 @@ class HolderReader:
 
     # --- SR-IOV ----------------------------------------------------------------------
     def _sriov(self, device: Path) -> list[Holder]:
+        """Live VFs die with the PF's driver (and are not recreated when it returns); each
+        VF is named with its driver and holders so the admin sees whose VM would lose it.
+        The count is the larger of `sriov_numvfs` and the `virtfn*` links, so a garbled
+        attribute cannot hide VFs that exist."""
         vfs = []
         try:
             entries = [e for e in os.listdir(device) if re.fullmatch(r"virtfn\d+", e)]

@@ -56,6 +56,8 @@ def multipath_heads(class_block: Path, links: dict[str, str]) -> dict[str, list[
 
 
 def find_blocks(class_block: Path, own_names: list[str], heads: dict[str, list[str]]) -> Blocks:
+    """The device's own block devices and, through `holders/` and multipath heads, every
+    device stacked on them, however deep (dm on md on a partition)."""
     own = {name: majmin_of(class_block / name / "dev") for name in own_names}
     stacked: dict[str, tuple[str, str]] = {}
     frontier = [(name, name) for name in own]
