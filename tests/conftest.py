@@ -51,6 +51,7 @@ def _sandbox_host_paths(request: pytest.FixtureRequest, tmp_path_factory, monkey
         monkeypatch.setenv(name, str(sandbox / sub))
     monkeypatch.setenv("VFIO_LIBVIRT_CONFIG", str(sandbox / "config.toml"))
     monkeypatch.setenv("VFIO_LIBVIRT_MODPROBE", "false")
+    monkeypatch.setenv("VFIO_LIBVIRT_IP", "false")  # a sandbox never asks this host's iproute2
     # libvirt-python, where a test reaches it, gets the in-memory test driver
     monkeypatch.setenv("LIBVIRT_DEFAULT_URI", "test:///default")
 

@@ -40,7 +40,9 @@ _SECTIONS = {
     "libvirt": ("version",),
     "devices": (),  # keys are PCI addresses
 }
-_DEVICE_KEYS = ("driver", "never_touch")
+_DEVICE_KEYS = ("driver", "never_touch", "in_use")
+InUsePolicy = Literal["refuse", "allow"]
+_IN_USE_POLICIES = ("refuse", "allow")
 _DEFAULT_BIND, _DEFAULT_RESTORE = 10.0, 30.0
 _LEFT_ALONE = "the device is never touched"
 
@@ -73,6 +75,9 @@ class Config:
     libvirt_version: tuple[int, ...] | None = None
     driver_overrides: dict[PciAddress, str] = field(default_factory=dict)
     never_touch: frozenset[PciAddress] = frozenset()
+    in_use_allowed: frozenset[PciAddress] = frozenset()
+    """Devices the host uses (a mount that is not /, an up interface, an open node) that
+    may still be given to a VM; host-critical ones never are."""
     problems: tuple[ConfigProblem, ...] = ()
     """What was wrong in the file; every other field is already the safe reading of it."""
 
@@ -131,7 +136,7 @@ class _Reader:
                 for key in [k for k in sections.get(name, {}) if k not in known]:
                     self.problem((name, key), f"unknown key (known: {', '.join(known)}); ignored")
         timeouts = sections.get("timeouts", {})
-        overrides, never = self.devices(sections.get("devices", {}))
+        overrides, never, allowed = self.devices(sections.get("devices", {}))
         config = Config(
             bind_timeout=self.seconds(timeouts, "bind_seconds", _DEFAULT_BIND),
             restore_timeout=self.seconds(timeouts, "restore_seconds", _DEFAULT_RESTORE),
@@ -139,6 +144,7 @@ class _Reader:
             libvirt_version=self.version(sections.get("libvirt", {})),
             driver_overrides=overrides,
             never_touch=frozenset(never),
+            in_use_allowed=frozenset(allowed),
         )
         self.problems.sort(key=lambda p: (p.line is None, p.line or 0))
         return replace(config, problems=tuple(self.problems))
@@ -172,9 +178,10 @@ class _Reader:
                          f"{describe(value)}; ignored (the version is read from the daemon)")
             return None
 
-    def devices(self, table: dict) -> tuple[dict[PciAddress, str], set[PciAddress]]:
+    def devices(self, table: dict) -> tuple[dict[PciAddress, str], set[PciAddress], set[PciAddress]]:
         overrides: dict[PciAddress, str] = {}
         never: set[PciAddress] = set()
+        allowed: set[PciAddress] = set()
         seen: dict[PciAddress, str] = {}
         for bdf, settings in table.items():
             keys = ("devices", bdf)
@@ -213,7 +220,13 @@ class _Reader:
                     self.problem((*keys, "driver"), f'must be a VFIO module name like "vfio_pci", '
                                  f"got {describe(driver)}; {_LEFT_ALONE}")
                     never.add(address)
-        return overrides, never
+            in_use = settings.get("in_use", "refuse")
+            if in_use == "allow":
+                allowed.add(address)
+            elif in_use != "refuse":  # the safe reading is the default: refuse a device in use
+                self.problem((*keys, "in_use"), f'must be "refuse" or "allow", got {describe(in_use)}; '
+                             "a device in use is refused")
+        return overrides, never, allowed
 
 
 # --- where a key is in the file ------------------------------------------------------
@@ -287,6 +300,12 @@ class VmPolicy:
 
     companions: CompanionPolicy | None = None
     drivers: dict[PciAddress, str] = field(default_factory=dict)
+    in_use: InUsePolicy | None = None
+    """For every device of the domain; a device's own in_use attribute wins."""
+    in_use_devices: dict[PciAddress, InUsePolicy] = field(default_factory=dict)
+
+    def allows_in_use(self, address: PciAddress) -> bool:
+        return self.in_use_devices.get(address, self.in_use) == "allow"
 
     @classmethod
     def from_domain(cls, root: etree._Element) -> VmPolicy:
@@ -295,13 +314,19 @@ class VmPolicy:
             return cls()
         companions = element.get("companions")
         drivers: dict[PciAddress, str] = {}
+        in_use_devices: dict[PciAddress, InUsePolicy] = {}
         for device in element.findall(f"{{{METADATA_NS}}}device"):
             address = PciAddress.parse(device.get("address") or "")
             if driver := device.get("driver"):
                 drivers[address] = module_name(driver)
+            if (in_use := device.get("in_use")) is not None:
+                in_use_devices[address] = _in_use(in_use)
+        in_use = element.get("in_use")
         return cls(
             companions=_companions(companions, "domain metadata") if companions else None,
             drivers=drivers,
+            in_use=_in_use(in_use) if in_use is not None else None,
+            in_use_devices=in_use_devices,
         )
 
 
@@ -310,6 +335,12 @@ def parse_version(text: object) -> tuple[int, ...]:
     if not 1 <= len(parts) <= 3 or not all(p.isascii() and p.isdigit() and len(p) <= 6 for p in parts):
         raise InputError(f"invalid libvirt version {text!r}: expected like 10.0.0")
     return tuple(int(p) for p in parts)
+
+
+def _in_use(value: str) -> InUsePolicy:
+    if value not in _IN_USE_POLICIES:
+        raise InputError(f"domain metadata: in_use must be one of {', '.join(_IN_USE_POLICIES)}")
+    return value  # type: ignore[return-value]
 
 
 def _companions(value: object, where: str) -> CompanionPolicy:

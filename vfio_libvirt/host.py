@@ -17,6 +17,7 @@ from vfio_libvirt.apply import Switcher
 from vfio_libvirt.config import Config
 from vfio_libvirt.domain import Domain
 from vfio_libvirt.errors import InputError, VfioLibvirtError
+from vfio_libvirt.holders import DeviceHolders, Holder, HolderReader
 from vfio_libvirt.locks import DomainLocks
 from vfio_libvirt.pci import PciAddress
 from vfio_libvirt.plan import Context, DeviceState, Plan, plan_prepare
@@ -66,6 +67,21 @@ class Host:
     @cached_property
     def switcher(self) -> Switcher:
         return Switcher(self.sysfs, self.settings.modprobe)
+
+    @cached_property
+    def holders(self) -> HolderReader:
+        """One reader per run: what the whole host holds is read once for every device."""
+        return HolderReader(self.settings.sysfs_root, self.settings.ip)
+
+    def holders_of(self, address: PciAddress) -> DeviceHolders:
+        """What the host uses `address` for; a reader that fails cannot decide, so it refuses."""
+        try:
+            return self.holders.read(address)
+        except Exception as err:  # the guard must never be the thing that crashes a start
+            log.exception("%s: reading what holds the device failed", address)
+            return DeviceHolders(address, (Holder(
+                "unknown", str(address), f"cannot be checked ({type(err).__name__}: {err})",
+                "critical"),))
 
     @cached_property
     def aliases(self) -> AliasTable:
@@ -123,4 +139,9 @@ def make_plan(host: Host, domain: Domain) -> Plan:
         module_drivers=modules,
         alias_error=alias_error,
     )
-    return plan_prepare(domain.hostdevs, states, groups, ctx)
+    # everything that may be unbound: assigned devices not on a VFIO driver yet, and the
+    # companions that would have to follow them
+    members = [m for group in groups.values() for m in group if not m.leaves_group_usable]
+    at_risk = {s.address for s in [*states.values(), *members] if not s.on_vfio_driver}
+    holders = {address: host.holders_of(address) for address in sorted(at_risk)}
+    return plan_prepare(domain.hostdevs, states, groups, ctx, holders)

@@ -8,8 +8,9 @@ refused as a whole before anything is written.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Literal
 
 from vfio_libvirt.aliases import AliasTable
 from vfio_libvirt.config import Config, VmPolicy
@@ -18,6 +19,9 @@ from vfio_libvirt.errors import InputError
 from vfio_libvirt.libvirt_version import VARIANT_MIN
 from vfio_libvirt.names import canonical_module
 from vfio_libvirt.pci import PciAddress
+
+if TYPE_CHECKING:
+    from vfio_libvirt.holders import DeviceHolders
 
 Action = Literal["bind", "watch", "keep", "skip"]
 FALLBACK_MODULE = "vfio_pci"
@@ -58,11 +62,14 @@ class Step:
     original_override: str | None = None
     companion: bool = False
     managed: bool = False
+    holders: tuple[str, ...] = ()
+    """What the host uses the device for, one line each with its severity (for `plan`)."""
 
     def describe(self) -> str:
         target = f" → {self.module}" if self.module else ""
         who = " (companion)" if self.companion else ""
-        return f"{self.address}{who}: {self.action}{target}: {self.reason}"
+        lines = [f"{self.address}{who}: {self.action}{target}: {self.reason}"]
+        return "\n".join(lines + [f"    held: {line}" for line in self.holders])
 
 
 @dataclass(frozen=True)
@@ -78,7 +85,7 @@ class Plan:
                 {
                     "address": str(s.address), "action": s.action, "module": s.module,
                     "reason": s.reason, "original_driver": s.original_driver,
-                    "companion": s.companion, "managed": s.managed,
+                    "companion": s.companion, "managed": s.managed, "holders": list(s.holders),
                 }
                 for s in self.steps
             ],
@@ -128,8 +135,13 @@ def plan_prepare(
     states: dict[PciAddress, DeviceState],
     groups: dict[str, list[DeviceState]],
     ctx: Context,
+    holders: Mapping[PciAddress, DeviceHolders] | None = None,
 ) -> Plan:
-    """Decide, for each assigned device (and any companions), what `prepare` must do."""
+    """Decide, for each assigned device (and any companions), what `prepare` must do.
+
+    `holders` is what the host uses each device for (holders.HolderReader); a device
+    that is going to be unbound (bind, or watch: libvirt unbinds it) is guarded by it.
+    """
     steps: list[Step] = []
     companion_steps: list[Step] = []
     problems: list[str] = []
@@ -172,7 +184,35 @@ def plan_prepare(
             except InputError as err:
                 problems.append(f"{member.address}: {err}")
     steps += companion_steps
+    if holders:
+        steps = [_guard(step, holders.get(step.address), ctx, problems) for step in steps]
     return Plan(tuple(steps), tuple(missing + problems), bad_input)
+
+
+def _guard(step: Step, held: DeviceHolders | None, ctx: Context, problems: list[str]) -> Step:
+    """Refuse to unbind a device the host needs; say why in one line.
+
+    Host-critical (/, /usr, /boot, swap, the default route, a PF with VFs, the console)
+    is always refused: unbinding takes it from the host at once.  Merely in use (another
+    mount, an up interface, an open node) is refused unless the admin allows it.
+    """
+    if held is None or step.action not in ("bind", "watch"):
+        return step
+    lines = tuple(f"{h.severity}: {h}" for h in held.holders)
+    allowed = step.address in ctx.config.in_use_allowed or ctx.vm_policy.allows_in_use(step.address)
+    if held.critical:
+        problems.append(f"{step.address}: refusing: {_first(held.critical)}")
+    elif held.in_use and not allowed:
+        problems.append(f'{step.address}: refusing: {_first(held.in_use)} (in use; to give it to a '
+                        'VM anyway, set in_use = "allow" for it)')
+    elif held.in_use:
+        return replace(step, holders=lines, reason=f"{step.reason}; in use by the host, allowed by policy")
+    return replace(step, holders=lines)
+
+
+def _first(holders: tuple) -> str:
+    more = f" (and {len(holders) - 1} more)" if len(holders) > 1 else ""
+    return f"{holders[0]}{more}"
 
 
 class _BadChoice(InputError):

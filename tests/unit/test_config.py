@@ -86,6 +86,8 @@ SAFE_READINGS = [
     ("[libvirt]\nversion = 10.10\n", {}, "libvirt.version"),
     ("[other]\nx = 1\n", {}, "other"),
     ("bind_seconds = 5\n", {}, "bind_seconds"),
+    ('[devices."0000:00:10.0"]\nin_use = "yes"\n', {}, 'devices."0000:00:10.0".in_use'),
+    ('[devices."0000:00:10.0"]\nin_use = true\n', {}, 'devices."0000:00:10.0".in_use'),
 ]
 
 
@@ -168,8 +170,25 @@ def test_metadata_examples_validate_against_schema_and_parse():
     assert nic.policy == VmPolicy(drivers={PciAddress(0, 0, 0x11, 0): "vfio_pci"})
 
 
+def test_in_use_allow_per_device_in_the_host_config(tmp_path):
+    config = load(tmp_path, '[devices."0000:00:10.0"]\nin_use = "allow"\n[devices."0000:00:11.0"]\n'
+                  'in_use = "refuse"\n')
+    assert config.in_use_allowed == {NIC} and not config.problems
+
+
+def test_in_use_in_the_metadata_for_the_domain_and_per_device():
+    schema = etree.RelaxNG(etree.parse(str(REPO / "xml" / "metadata.rng")))
+    xml = ('<vfio:policy xmlns:vfio="urn:vfio-libvirt:metadata:1" in_use="allow">'
+           '<vfio:device address="0000:00:11.0" in_use="refuse"/></vfio:policy>')
+    assert schema.validate(etree.fromstring(xml)), schema.error_log
+    policy = VmPolicy.from_domain(etree.fromstring(f"<domain><metadata>{xml}</metadata></domain>"))
+    assert policy.allows_in_use(NIC) and not policy.allows_in_use(PciAddress(0, 0, 0x11, 0))
+    assert not VmPolicy().allows_in_use(NIC)
+
+
 @pytest.mark.parametrize("bad", ['<vfio:device address="0000:00:20.0"/>',
-                                 '<vfio:device address="0000:00:01.0" driver="a b"/>'])
+                                 '<vfio:device address="0000:00:01.0" driver="a b"/>',
+                                 '<vfio:device address="0000:00:01.0" in_use="yes"/>'])
 def test_schema_rejects_what_the_parser_rejects(bad):
     schema = etree.RelaxNG(etree.parse(str(REPO / "xml" / "metadata.rng")))
     xml = f'<vfio:policy xmlns:vfio="urn:vfio-libvirt:metadata:1">{bad}</vfio:policy>'

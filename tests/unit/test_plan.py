@@ -150,3 +150,59 @@ def test_companion_planned_when_policy_allows():
     companion = plan.steps[-1]
     assert companion.companion and companion.address == B and companion.action == "bind"
     assert companion.reason.startswith("companion in IOMMU group 5")
+
+
+# --- the guard: what the host holds ----------------------------------------------------
+def held(address=A, *holders: tuple[str, str, str, str]):
+    from vfio_libvirt.holders import DeviceHolders, Holder
+    return DeviceHolders(address, tuple(Holder(*h) for h in holders))
+
+
+ROOT = ("mount", "nvme0n1p2", "is mounted at / (root filesystem)", "critical")
+DATA = ("mount", "nvme0n1p1", "is mounted at /data", "in_use")
+DOWN = ("netdev", "eth1", "is down", "info")
+
+
+def test_a_host_critical_device_is_refused_naming_the_holder():
+    plan = plan_prepare([dev()], {A: state()}, {}, ctx(), {A: held(A, ROOT, DATA)})
+    assert plan.problems == (f"{A}: refusing: nvme0n1p2 is mounted at / (root filesystem)",)
+    assert not plan.bad_input
+
+
+@pytest.mark.parametrize("allow", ["config", "vm", "vm-device"])
+def test_a_critical_device_is_refused_whatever_the_policy_says(allow):
+    config = Config(in_use_allowed=frozenset({A})) if allow == "config" else Config()
+    policy = VmPolicy(in_use="allow" if allow == "vm" else None,
+                      in_use_devices={A: "allow"} if allow == "vm-device" else {})
+    plan = plan_prepare([dev()], {A: state()}, {}, ctx(config=config, policy=policy), {A: held(A, ROOT)})
+    assert plan.problems == (f"{A}: refusing: nvme0n1p2 is mounted at / (root filesystem)",)
+
+
+def test_a_device_in_use_is_refused_by_default_and_allowed_by_policy():
+    plan = plan_prepare([dev()], {A: state()}, {}, ctx(), {A: held(A, DATA, DOWN)})
+    (problem,) = plan.problems
+    assert problem.startswith(f"{A}: refusing: nvme0n1p1 is mounted at /data (in use;")
+    assert 'in_use = "allow"' in problem
+    for policy in (VmPolicy(in_use="allow"), VmPolicy(in_use_devices={A: "allow"})):
+        (step,) = plan_prepare([dev()], {A: state()}, {}, ctx(policy=policy), {A: held(A, DATA, DOWN)}).steps
+        assert step.action == "bind" and step.reason.endswith("in use by the host, allowed by policy")
+        assert step.holders == ("in_use: nvme0n1p1 is mounted at /data", "info: eth1 is down")
+    # a device's own refuse beats the domain-wide allow
+    policy = VmPolicy(in_use="allow", in_use_devices={A: "refuse"})
+    assert plan_prepare([dev()], {A: state()}, {}, ctx(policy=policy), {A: held(A, DATA)}).problems
+
+
+def test_managed_yes_devices_and_companions_are_guarded_too():
+    plan = plan_prepare([dev(managed=True)], {A: state()}, {}, ctx(), {A: held(A, ROOT)})
+    assert plan.problems == (f"{A}: refusing: nvme0n1p2 is mounted at / (root filesystem)",)
+    companion = state(B, driver="snd_hda_intel", group="5")
+    plan = plan_prepare([dev()], {A: state()}, {"5": [state(), companion]},
+                        ctx(config=Config(companions="bind")), {A: held(A), B: held(B, DATA)})
+    assert [s.address for s in plan.steps] == [A, B]
+    assert plan.problems[0].startswith(f"{B}: refusing: nvme0n1p1 is mounted at /data")
+
+
+def test_info_only_holders_do_not_refuse_and_show_in_the_plan():
+    (step,) = plan_prepare([dev()], {A: state()}, {}, ctx(), {A: held(A, DOWN)}).steps
+    assert step.holders == ("info: eth1 is down",)
+    assert "    held: info: eth1 is down" in step.describe()
