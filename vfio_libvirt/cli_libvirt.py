@@ -89,6 +89,16 @@ def doctor(settings: Settings, uri: str | None, hook: Path) -> list[Finding]:
     return out
 
 
+def _fix_for(problem: str) -> str:
+    if "IOMMU group" in problem:
+        return "assign the whole IOMMU group, or [policy] companions = \"bind\""
+    if "refusing:" in problem and "(in use;" in problem:
+        return "free the device first, give the domain another one, or set in_use = \"allow\" for it"
+    if "refusing:" in problem:
+        return "the host needs this device: give the domain another one (vfio-libvirt holders BDF)"
+    return ""
+
+
 def _journal_findings(host) -> list[Finding]:
     """What the journal holds, what it cannot read, and where sysfs disagrees with it.
 
@@ -196,9 +206,7 @@ def _domain_findings(host, uri: str | None) -> list[Finding]:
             found.append(Finding("fail", f"domain {name}: {err}"))
             continue
         for problem in plan.problems:
-            found.append(Finding("fail", f"domain {name}: {problem}",
-                                 "assign the whole IOMMU group, or [policy] companions = \"bind\""
-                                 if "IOMMU group" in problem else ""))
+            found.append(Finding("fail", f"domain {name}: {problem}", _fix_for(problem)))
         if not plan.problems:
             summary = ", ".join(f"{s.address} {s.action}" + (f" {s.module}" if s.module else "")
                                 for s in plan.steps)

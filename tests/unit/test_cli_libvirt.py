@@ -190,3 +190,19 @@ def test_doctor_checks_each_domains_hostdevs(sim, fake_libvirt, capsys):
     out = capsys.readouterr().out
     assert "[fail] domain gpu: 0000:01:00.1 (snd_hda_intel) shares IOMMU group 1" in out
     assert f"[  ok] domain nic: {NIC} bind virtio_vfio_pci" in out
+
+
+def test_doctor_flags_a_domain_whose_device_the_host_needs(sim, fake_libvirt, capsys, monkeypatch):
+    from tests.support.simhost import SimHost
+    simhost = SimHost(sim)
+    simhost.netdev(NIC, "eth0", under="virtio0")
+    simhost.ip_link("eth0", addrs=("192.0.2.5/24",))
+    simhost.ip_route("eth0", "192.0.2.1")
+    monkeypatch.setenv("VFIO_LIBVIRT_IP", " ".join(simhost.ip_command()))
+    fake_libvirt.domains["nic"] = FakeDomain("nic", domain_xml("nic", pci(NIC)), active=False)
+    assert main(["doctor", "--hook", str(REPO / "hooks" / "qemu"), "--json"]) == 1
+    findings = json.loads(capsys.readouterr().out)
+    (finding,) = [f for f in findings if f["what"].startswith("domain nic:")]
+    assert finding["level"] == "fail"
+    assert finding["what"] == f"domain nic: {NIC}: refusing: eth0 carries the default route via 192.0.2.1"
+    assert "the host needs this device" in finding["fix"]
