@@ -32,19 +32,29 @@ def main(argv: Sequence[str] | None = None, stdin: BinaryIO | None = None) -> in
     dry_run = os.environ.get("VFIO_LIBVIRT_DRY_RUN") == "1"
     if (op, subop) == ("prepare", "begin"):
         from vfio_libvirt.limits import MAX_XML_BYTES
+        from vfio_libvirt.prescan import may_assign_pci
 
         data = (stdin or sys.stdin.buffer).read(MAX_XML_BYTES + 1)
-        if b"hostdev" not in data:
-            return 0  # no PCI device can be assigned without the word
+        if not may_assign_pci(data):
+            return 0  # USB, SCSI, mdev or network devices only: nothing of ours to do
         return _guarded(domain_name, lambda: _prepare(domain_name, data, dry_run))
+    if (op, subop) in (("release", "end"), ("reconnect", "begin")) and not _journal_exists():
+        return 0  # nothing was ever switched (or a reboot cleared /run with every binding)
     if (op, subop) == ("release", "end"):
-        state_dir = os.environ.get("VFIO_LIBVIRT_STATE_DIR") or "/run/vfio-libvirt"
-        if not os.path.exists(os.path.join(state_dir, "journal.json")):
-            return 0
         return _guarded(domain_name, lambda: _release(domain_name, dry_run))
     if (op, subop) == ("reconnect", "begin"):
         return _guarded(domain_name, lambda: _reconnect(domain_name))
     return 0
+
+
+def _journal_exists() -> bool:
+    """A journal, or one set aside as unreadable (release must say so): work to do."""
+    state_dir = os.environ.get("VFIO_LIBVIRT_STATE_DIR") or "/run/vfio-libvirt"
+    try:
+        names = os.listdir(state_dir)
+    except OSError:
+        return False
+    return any(n == "journal.json" or n.startswith("journal.unreadable.") for n in names)
 
 
 def _guarded(domain_name: str, action) -> int:
@@ -113,8 +123,6 @@ def _reconnect(domain_name: str) -> int:
     from vfio_libvirt.settings import Settings
 
     host = Host(Settings.from_env())
-    if not host.journal.path.exists():
-        return 0
     for line in drift(host, domain_name):
         logging.getLogger("vfio_libvirt").warning("%s: drift: %s", domain_name, line)
     return 0
