@@ -8,6 +8,8 @@ reads what a plan needs from here and hands it to the pure planner; it writes no
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -36,6 +38,9 @@ class Host:
     config_fallback: bool = False
     """Restores: a config that cannot be parsed means the defaults (logged), because a
     typo made while a VM runs must never keep its devices from going home."""
+    deadline: float | None = None
+    """time.monotonic() by which a start must be done (set by prepare); bounds the guard."""
+    _holders_stuck: str = ""
 
     @cached_property
     def sysfs(self) -> Sysfs:
@@ -74,14 +79,39 @@ class Host:
         return HolderReader(self.settings.sysfs_root, self.settings.ip)
 
     def holders_of(self, address: PciAddress) -> DeviceHolders:
-        """What the host uses `address` for; a reader that fails cannot decide, so it refuses."""
-        try:
-            return self.holders.read(address)
-        except Exception as err:  # the guard must never be the thing that crashes a start
-            log.exception("%s: reading what holds the device failed", address)
-            return DeviceHolders(address, (Holder(
-                "unknown", str(address), f"cannot be checked ({type(err).__name__}: {err})",
-                "critical"),))
+        """What the host uses `address` for, within the run's budget; a reader that fails
+        or does not answer in time cannot decide, so it refuses.
+
+        Reading a process's memory map blocks while that process holds its mmap lock
+        (a task stuck on I/O), and `ip` can hang: the read runs in a thread we stop
+        waiting for at the deadline (libvirt has no timeout on hooks).  A reader that
+        timed out once is not asked again: its thread may still be filling its caches.
+        """
+        if self._holders_stuck:
+            return _cannot_decide(address, self._holders_stuck)
+        budget = self.config.bind_timeout if self.deadline is None else self.deadline - time.monotonic()
+        result: list[DeviceHolders | BaseException] = []
+
+        def read() -> None:
+            try:
+                result.append(self.holders.read(address))
+            except BaseException as err:  # handed to the waiting thread
+                result.append(err)
+
+        worker = threading.Thread(target=read, name=f"holders {address}", daemon=True)
+        worker.start()
+        worker.join(max(0.0, budget))
+        if not result:
+            self._holders_stuck = f"could not be checked within {max(0.0, budget):.1f} s"
+            log.error("%s: what holds the device %s", address, self._holders_stuck)
+            return _cannot_decide(address, self._holders_stuck)
+        if isinstance(result[0], InputError):
+            raise result[0]
+        if isinstance(result[0], BaseException):  # the guard must never crash a start
+            err = result[0]
+            log.error("%s: reading what holds the device failed: %s: %s", address, type(err).__name__, err)
+            return _cannot_decide(address, f"cannot be checked ({type(err).__name__}: {err})")
+        return result[0]
 
     @cached_property
     def aliases(self) -> AliasTable:
@@ -109,6 +139,10 @@ class Host:
 
     def on_vfio_driver(self, address: PciAddress) -> bool:
         return self.sysfs.has_vfio_dev(address) or self.sysfs.driver(address) == "vfio-pci"
+
+
+def _cannot_decide(address: PciAddress, why: str) -> DeviceHolders:
+    return DeviceHolders(address, (Holder("unknown", str(address), why, "critical"),))
 
 
 def make_plan(host: Host, domain: Domain) -> Plan:

@@ -49,7 +49,7 @@ def prepare(host: Host, domain: Domain) -> Plan:
     timeout on hooks.  The domain's lock keeps an admin's `restore --domain` out until
     this start has finished or rolled back.
     """
-    deadline = time.monotonic() + host.config.bind_timeout
+    deadline = host.deadline = time.monotonic() + host.config.bind_timeout
     with host.domain_locks.hold(domain.name, host.config.bind_timeout):
         return _prepare(host, domain, deadline)
 
@@ -118,6 +118,7 @@ def _plan_and_claim(
     and waiting while another domain's entry still holds one, closes that window.
     """
     host.libvirt_version  # noqa: B018 -- may run `virtqemud --version`: not under the lock
+    make_plan(host, domain)  # the slow reads (/proc, ip) fill the caches outside the lock
     while True:
         with host.journal.transaction() as entries:
             plan = make_plan(host, domain)

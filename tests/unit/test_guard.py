@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,32 @@ def test_a_device_already_on_vfio_is_not_guarded(sim, host_sim):
     sim.write(sim.sys / "bus/pci/drivers_probe", NVME)
     assert run_hook("vm1", "prepare", "begin", domain_xml("vm1", pci(NVME))) == 0
     assert journal()[NVME]["role"] == "keep"
+
+
+def test_a_stuck_proc_read_is_bounded_by_the_start_budget(sim, host_sim, capsys):
+    """Reading a process's maps blocks while it holds its mmap lock: a FIFO stands in."""
+    proc_dir = host_sim.process(4321, "stuck")
+    (proc_dir / "maps").unlink()
+    os.mkfifo(proc_dir / "maps")
+    started = time.monotonic()
+    try:
+        assert run_hook("vm1", "prepare", "begin", domain_xml("vm1", pci(NVME))) == 1
+        assert time.monotonic() - started < 3.5  # bind_seconds = 2, the stuck read never returns
+    finally:
+        os.close(os.open(proc_dir / "maps", os.O_RDWR))  # let the abandoned reader thread go
+    err = capsys.readouterr().err
+    assert f"{NVME}: refusing: {NVME} could not be checked within" in err
+    assert sim.writes == [] and journal() == {}
+
+
+def test_a_hanging_ip_is_bounded_by_the_start_budget(sim, host_sim, monkeypatch, tmp_path, capsys):
+    slow = tmp_path / "slow-ip"
+    slow.write_text("#!/bin/sh\nexec sleep 30\n")
+    slow.chmod(0o755)
+    monkeypatch.setenv("VFIO_LIBVIRT_IP", str(slow))
+    host_sim.netdev(NIC, "eth0", under="virtio0")
+    started = time.monotonic()
+    assert run_hook("vm1", "prepare", "begin", domain_xml("vm1", pci(NIC))) == 1
+    assert time.monotonic() - started < 3.5
+    assert "refusing:" in capsys.readouterr().err
+    assert sim.writes == []
