@@ -63,7 +63,20 @@ class TestDevice:
     modalias_prefix: str  # start of sysfs "modalias"
     host_driver: str      # the driver that owns it after boot
     iommu_group_own: bool  # alone in its IOMMU group
-    qemu_opts: tuple[str, ...]
+    qemu_opts: tuple[str, ...]  # "{nvme_image}" stands for GuestInfo.nvme_image
+    min_qemu: int = 0     # QEMU major version the device needs (0: any)
+
+    @property
+    def needs_image(self) -> bool:
+        return any("{nvme_image}" in opt for opt in self.qemu_opts)
+
+    def qemu_args(self, info: GuestInfo) -> tuple[str, ...]:
+        """qemu_opts with the provisioned paths filled in."""
+        if not self.needs_image:
+            return self.qemu_opts
+        if info.nvme_image is None:
+            raise GuestUnavailable(f"{self.name}: no NVMe image provisioned (re-run tests/vm/provision.sh)")
+        return tuple(o.replace("{nvme_image}", _safe(info.nvme_image)) for o in self.qemu_opts)
 
 
 VIRTIO_NET = TestDevice(
@@ -89,6 +102,52 @@ E1000E = TestDevice(
                "-device", "e1000e,netdev=vltnet1,addr=0x11"),
 )
 DEFAULT_TEST_DEVICES: tuple[TestDevice, ...] = (VIRTIO_NET, E1000E)
+
+# Real hardware for the host-safety tests (QEMU >= 8).  The igb is an SR-IOV PF; on
+# the root bus its VFs (routing ID offset 0x80, stride 2) would overflow the devfn
+# space, so it sits alone behind a PCIe root port and its VFs appear on that bus.
+IGB_ROOT_PORT_BDF = "0000:00:12.0"
+IGB_PF = TestDevice(
+    name="igb",
+    bdf="0000:01:00.0",
+    vendor="0x8086",
+    device="0x10c9",
+    modalias_prefix="pci:v00008086d000010C9sv00001AF4sd00001100bc02sc00i00",
+    host_driver="igb",
+    iommu_group_own=True,
+    qemu_opts=("-device", "pcie-root-port,id=vltrp0,bus=pcie.0,chassis=1,addr=0x12",
+               "-netdev", "user,id=vltnet2",
+               "-device", "igb,netdev=vltnet2,bus=vltrp0,addr=0x0"),
+    min_qemu=8,
+)
+IGB_VF_VENDOR, IGB_VF_DEVICE = "0x8086", "0x10ca"
+IGB_VF_DRIVER = "igbvf"
+IGB_VF_BDFS = ("0000:01:10.0", "0000:01:10.2")   # VFs 0 and 1 (offset 0x80, stride 2)
+# An NVMe controller over the provisioned ext4 image; snapshot=on sends every write
+# to a throwaway overlay, so the cached image never changes.
+NVME = TestDevice(
+    name="nvme",
+    bdf="0000:00:13.0",
+    vendor="0x1b36",
+    device="0x0010",
+    modalias_prefix="pci:v00001B36d00000010sv00001AF4sd00001100bc01sc08i02",
+    host_driver="nvme",
+    iommu_group_own=True,
+    qemu_opts=("-drive", "file={nvme_image},if=none,id=vltnvme0,format=raw,snapshot=on",
+               "-device", "nvme,drive=vltnvme0,serial=vltnvme0,addr=0x13"),
+)
+NVME_LABEL = "vltnvme"                       # the image's ext4 label (provision.sh)
+# Its one namespace's block device.  Debian's kernel has native NVMe multipath on
+# (nvme_core.multipath=Y): below the PCI device sits only the hidden path disk
+# nvme0c0n1; nvme0n1, the one with a /dev node, belongs to nvme-subsys0.
+NVME_NAMESPACE = "nvme0n1"
+NVME_PATH_DISK = "nvme0c0n1"
+NVME_KNOWN_FILE = ("vfio-libvirt-test.txt", "vfio-libvirt test NVMe\n")
+HARDWARE_DEVICES: tuple[TestDevice, ...] = (IGB_PF, NVME)
+KERNEL_TIER_DEVICES: tuple[TestDevice, ...] = (*DEFAULT_TEST_DEVICES, *HARDWARE_DEVICES)
+ALL_DEVICES = {d.name: d for d in KERNEL_TIER_DEVICES}
+# Inside the guest: the names of the devices it was booted with, comma-separated.
+DEVICES_ENV = "VFIO_LIBVIRT_TEST_DEVICES"
 
 # The test variant drivers built by provision.sh (tests/vm/module).  Module
 # and PCI driver names differ on purpose.
@@ -133,6 +192,16 @@ def require_guest() -> None:
             "(this is not the vfio-libvirt test guest)")
 
 
+def guest_devices() -> tuple[TestDevice, ...]:
+    """The test devices this guest was booted with (from run_in_guest's environment).
+
+    A guest test uses it to tell "booted without the device" (skip) from "given the
+    device but the kernel does not show it" (fail).
+    """
+    names = [n for n in os.environ.get(DEVICES_ENV, "").split(",") if n]
+    return tuple(ALL_DEVICES[n] for n in names if n in ALL_DEVICES)
+
+
 # --------------------------------------------------------------- host side
 
 
@@ -148,6 +217,35 @@ class GuestInfo:
     vng: Path
     venv_bin: Path
     qemu: str
+    qemu_version: tuple[int, ...] = ()   # () when `qemu --version` said nothing usable
+    nvme_image: Path | None = None       # provision.sh's ext4 image for the NVMe
+
+
+def qemu_version(qemu: str) -> tuple[int, ...]:
+    """(major, minor, micro) of a qemu-system binary, () when it cannot be told."""
+    try:
+        out = subprocess.run([qemu, "--version"], capture_output=True, text=True,
+                             timeout=30, check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    match = re.search(r"QEMU emulator version (\d+)\.(\d+)(?:\.(\d+))?", out)
+    return tuple(int(n) for n in match.groups() if n is not None) if match else ()
+
+
+def devices_unavailable(info: GuestInfo, devices: Sequence[TestDevice]) -> str:
+    """Why `devices` cannot be given to a guest here ("" when they can).
+
+    QEMU 7.2 (bookworm) has no SR-IOV igb, and the NVMe needs provision.sh's image.
+    """
+    have = ".".join(map(str, info.qemu_version)) or "of unknown version"
+    for dev in devices:
+        if dev.min_qemu and (not info.qemu_version or info.qemu_version[0] < dev.min_qemu):
+            return (f"kernel tier: QEMU {have} is older than {dev.min_qemu}, which the {dev.name} "
+                    "test device needs (tests/vm/provision.sh installs it from bookworm-backports)")
+        if dev.needs_image and (info.nvme_image is None or not info.nvme_image.is_file()):
+            return (f"kernel tier: no NVMe image for the {dev.name} test device "
+                    f"({info.nvme_image or 'VLT_NVME_IMAGE not in env'}; re-run tests/vm/provision.sh)")
+    return ""
 
 
 def cache_dir() -> Path:
@@ -166,14 +264,17 @@ def _read_env(path: Path) -> dict[str, str]:
     return values
 
 
-def check_provisioned(cache: os.PathLike | str | None = None) -> tuple[GuestInfo | None, str]:
-    """(info, "") when the kernel tier can run here, else (None, reason)."""
+def check_provisioned(cache: os.PathLike | str | None = None,
+                      devices: Sequence[TestDevice] = DEFAULT_TEST_DEVICES,
+                      ) -> tuple[GuestInfo | None, str]:
+    """(info, "") when a guest with `devices` can run here, else (None, reason)."""
     cache = Path(cache) if cache is not None else cache_dir()
     env_file = cache / "env"
     if not env_file.is_file():
         return None, f"kernel tier not provisioned: no {env_file} (run tests/vm/provision.sh)"
     try:
         env = _read_env(env_file)
+        qemu = shutil.which("qemu-system-x86_64") or ""
         info = GuestInfo(
             cache=Path(env["VLT_CACHE"]),
             kver=env["VLT_KVER"],
@@ -182,7 +283,9 @@ def check_provisioned(cache: os.PathLike | str | None = None) -> tuple[GuestInfo
             modules_dir=Path(env["VLT_MODULES_DIR"]),
             vng=Path(env["VLT_VNG"]),
             venv_bin=Path(env["VLT_VENV_BIN"]),
-            qemu=shutil.which("qemu-system-x86_64") or "",
+            qemu=qemu,
+            qemu_version=qemu_version(qemu) if qemu else (),
+            nvme_image=Path(env["VLT_NVME_IMAGE"]) if env.get("VLT_NVME_IMAGE") else None,
         )
     except (OSError, KeyError, ValueError) as exc:
         return None, f"kernel tier: unreadable {env_file}: {exc!r} (re-run tests/vm/provision.sh)"
@@ -202,12 +305,15 @@ def check_provisioned(cache: os.PathLike | str | None = None) -> tuple[GuestInfo
     for path in (info.cache, info.vmlinuz, REPO_ROOT):
         if not _SAFE_PATH.match(str(path)):
             return None, f"kernel tier: path {path} has characters vng cannot pass through"
+    if reason := devices_unavailable(info, devices):
+        return None, reason
     return info, ""
 
 
-def provisioned(cache: os.PathLike | str | None = None) -> GuestInfo | None:
+def provisioned(cache: os.PathLike | str | None = None,
+                devices: Sequence[TestDevice] = DEFAULT_TEST_DEVICES) -> GuestInfo | None:
     """GuestInfo when the kernel tier can run here, else None (see check_provisioned)."""
-    return check_provisioned(cache)[0]
+    return check_provisioned(cache, devices)[0]
 
 
 @dataclasses.dataclass
@@ -291,7 +397,7 @@ def vng_argv(info: GuestInfo, script: Path, *, devices: Sequence[TestDevice],
              rwdirs: Sequence[str], rodirs: Sequence[str], memory: str, cpus: int,
              append: Sequence[str], qemu_opts: Sequence[str]) -> list[str]:
     kargs = [*IOMMU_KERNEL_ARGS, GUEST_MARKER, *append]
-    qemu = [*IOMMU_QEMU_OPTS, *(o for d in devices for o in d.qemu_opts), *qemu_opts]
+    qemu = [*IOMMU_QEMU_OPTS, *(o for d in devices for o in d.qemu_args(info)), *qemu_opts]
     for word in (*kargs, *qemu):
         if not re.fullmatch(r"[A-Za-z0-9_.,:=/+@-]+", word):
             raise ValueError(f"{word!r} cannot be passed through vng's shell command line")
@@ -331,9 +437,13 @@ def run_in_guest(command: str | Sequence[str], *,
     caller removes it).  With echo=True a failed boot's console is printed.
     """
     if info is None:
-        info, reason = check_provisioned()
+        info, reason = check_provisioned(devices=devices)
         if info is None:
             raise GuestUnavailable(reason)
+    elif reason := devices_unavailable(info, devices):
+        raise GuestUnavailable(reason)
+    # the guest learns which devices it was given (guest_devices())
+    guest_env = {DEVICES_ENV: ",".join(d.name for d in devices), **(env or {})}
     if not isinstance(command, str):
         command = shlex.join(list(command))
     base = Path(tempfile.mkdtemp(prefix="vlt-guest-"))
@@ -349,7 +459,7 @@ def run_in_guest(command: str | Sequence[str], *,
             (work / "cmd.sh").write_text(command + "\n")
             nonce = uuid.uuid4().hex[:12]
             script = work / "run.sh"
-            script.write_text(_guest_script(nonce, work, Path(cwd), dict(env or {})))
+            script.write_text(_guest_script(nonce, work, Path(cwd), guest_env))
             argv = vng_argv(
                 info, script, devices=devices,
                 rwdirs=[str(work), *map(str, rwdirs)],
@@ -460,7 +570,9 @@ def check_libvirt_provisioned(cache: os.PathLike | str | None = None) -> tuple[G
 
 
 def run_pytest_in_guest(testdir: str, *, timeout: float, info: GuestInfo,
-                        args: Sequence[str] = ()) -> tuple[GuestResult, ET.Element | None]:
+                        args: Sequence[str] = (),
+                        devices: Sequence[TestDevice] = DEFAULT_TEST_DEVICES,
+                        ) -> tuple[GuestResult, ET.Element | None]:
     """One boot, one inner pytest session on `testdir` (repo-relative); (result, JUnit root).
 
     The JUnit report is None when the session wrote none (boot failure, crash).
@@ -468,7 +580,8 @@ def run_pytest_in_guest(testdir: str, *, timeout: float, info: GuestInfo,
     command = shlex.join([GUEST_PYTHON, "-m", "pytest", testdir, "-p", "no:cacheprovider",
                           "-q", "-o", "console_output_style=classic", *args])
     command += ' --junitxml="$VFIO_LIBVIRT_TEST_OUT/junit.xml"'
-    result = run_in_guest(command, timeout=timeout, keep_out=True, info=info, echo=True)
+    result = run_in_guest(command, timeout=timeout, keep_out=True, info=info, echo=True,
+                          devices=devices)
     try:
         junit = result.out_dir / "junit.xml" if result.out_dir else None
         report = ET.parse(junit).getroot() if junit and junit.is_file() else None
@@ -549,11 +662,17 @@ if __name__ == "__main__":   # ad-hoc: python3 tests/vm/guest.py 'cmd ...'
     parser.add_argument("command", nargs="?", default="uname -a; cat /proc/cmdline")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT)
     parser.add_argument("--console", action="store_true", help="print the console too")
+    parser.add_argument("--devices", default=",".join(ALL_DEVICES),
+                        help=f"comma-separated test devices (default: all, {','.join(ALL_DEVICES)})")
     ns = parser.parse_args()
-    info, why = check_provisioned()
+    try:
+        chosen = tuple(ALL_DEVICES[n] for n in ns.devices.split(",") if n)
+    except KeyError as bad:
+        sys.exit(f"guest: unknown test device {bad} (known: {', '.join(ALL_DEVICES)})")
+    info, why = check_provisioned(devices=chosen)
     if info is None:
         sys.exit(f"guest: {why}")
-    res = run_in_guest(ns.command, timeout=ns.timeout, info=info, echo=True)
+    res = run_in_guest(ns.command, timeout=ns.timeout, info=info, echo=True, devices=chosen)
     sys.stdout.write(res.stdout)
     sys.stderr.write(res.stderr)
     if ns.console:

@@ -7,7 +7,8 @@
 # Idempotent: a second run only checks stamps and changes nothing.
 #
 # What it does (nothing here touches this machine's /sys or loads modules):
-#   1. apt packages the tier needs (only those missing; needs root for that)
+#   1. apt packages the tier needs (only those missing; needs root for that),
+#      and QEMU >= 8 from bookworm-backports (bookworm's 7.2 has no SR-IOV igb)
 #   2. Debian's linux-image-6.12.*-amd64-unsigned + headers + kbuild,
 #      fetched with apt-get download and unpacked with dpkg -x under
 #      CACHE_DIR/kernel/<kver>/
@@ -15,7 +16,9 @@
 #      headers, installs them in lib/modules/<kver>/updates/vfio-libvirt-test/
 #      and runs depmod -b, so modules.alias carries their vfio_pci: aliases
 #   4. a venv with virtme-ng (vng) in CACHE_DIR/venv
-#   5. CACHE_DIR/env: KEY='value' lines (sourceable) read by tests/vm/guest.py
+#   5. CACHE_DIR/nvme.ext4: a small ext4 image for the guest's NVMe (the
+#      guest opens it with snapshot=on and never changes it)
+#   6. CACHE_DIR/env: KEY='value' lines (sourceable) read by tests/vm/guest.py
 # With --libvirt, also installs libvirt from bookworm-backports on the host
 # with a policy-rc.d that stops any daemon from being started.
 set -euo pipefail
@@ -25,11 +28,18 @@ KSERIES=6.12                # Debian kernel series to test against
 FLAVOUR=amd64
 APT_INSTALL=(apt-get -o DPkg::Lock::Timeout=300 -y --no-install-recommends install)
 HOST_PKGS=(
-    qemu-system-x86 busybox-static udev kmod file binutils   # vng + the guest
+    busybox-static udev kmod file binutils e2fsprogs         # vng + the guest
     gcc-12 make libelf1                                      # module build
     python3-venv python3-pytest python3-pytest-mock          # harness + guest
     python3-lxml python3-tenacity                            # product, in guest
 )
+# QEMU >= 8: its igb is a real SR-IOV PF (VFs 8086:10ca) for the host-safety tests.
+# Only QEMU's own packages and firmware come from bookworm-backports; whatever
+# else -t bookworm-backports would drag in (e.g. pipewire 1.4 for qemu-system-gui)
+# is held at bookworm.
+QEMU_MIN_MAJOR=8
+QEMU_FROM_BACKPORTS='^(qemu-.*|seabios|ipxe-qemu)$'
+NVME_IMAGE_MIB=8            # the guest NVMe's ext4 image
 LIBVIRT_PKGS=(libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients python3-libvirt)
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -98,7 +108,41 @@ read -r -a missing <<<"$(pkg_missing "${HOST_PKGS[@]}")"
 if [ ${#missing[@]} -gt 0 ]; then
     apt_install -- "${missing[@]}"
 fi
+
+qemu_major() {  # major version of qemu-system-x86_64, 0 when there is none
+    local v
+    v=$(qemu-system-x86_64 --version 2>/dev/null | sed -n 's/^QEMU emulator version \([0-9][0-9]*\)\..*/\1/p')
+    echo "${v:-0}"
+}
+
+# Packages `apt-get -t bookworm-backports install qemu-system-x86` would take from
+# backports that are not QEMU's own: each becomes PKG/bookworm on the real install.
+qemu_holds() {
+    local sim
+    sim=$(apt-get -s -o DPkg::Lock::Timeout=300 --no-install-recommends \
+          -t bookworm-backports install qemu-system-x86 2>&1) || { echo "$sim" >&2; return 1; }
+    awk '/^Inst / && /[Bb]ackports/ {print $2}' <<<"$sim" | { grep -vE "$QEMU_FROM_BACKPORTS" || true; } \
+        | sed 's|$|/bookworm|' | tr '\n' ' '
+}
+
+if [ "$(qemu_major)" -lt $QEMU_MIN_MAJOR ]; then
+    [ "$(id -u)" = 0 ] || die "need root to install QEMU >= $QEMU_MIN_MAJOR from bookworm-backports"
+    holds=$(qemu_holds) || {
+        [ $apt_updated = 0 ] || die "cannot plan the QEMU install from bookworm-backports"
+        log "apt-get update (planning the QEMU install from bookworm-backports)"
+        apt-get -o DPkg::Lock::Timeout=300 update >&2 || die "apt-get update failed"
+        apt_updated=1
+        holds=$(qemu_holds) || die "cannot plan the QEMU install from bookworm-backports"
+    }
+    read -r -a holds <<<"$holds"
+    [ ${#holds[@]} -eq 0 ] || log "held at bookworm while QEMU comes from backports: ${holds[*]}"
+    apt_install -t bookworm-backports -- qemu-system-x86 "${holds[@]}"
+    # the held ones are QEMU's dependencies, not wanted for themselves
+    [ ${#holds[@]} -eq 0 ] || apt-mark auto "${holds[@]%/bookworm}" >/dev/null
+fi
 command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 not found after install"
+[ "$(qemu_major)" -ge $QEMU_MIN_MAJOR ] \
+    || die "QEMU $(qemu_major) < $QEMU_MIN_MAJOR after install (is bookworm-backports in apt sources?)"
 
 # ---------------------------------------------------------------- 2. kernel
 kernel_complete() { [ -f "$cache/kernel/$1/.vlt-unpacked" ]; }
@@ -201,7 +245,27 @@ if [ "$(cat "$venv/.vlt-vng" 2>/dev/null)" != "$VNG_VERSION" ] || ! "$venv/bin/v
     echo "$VNG_VERSION" >"$venv/.vlt-vng"
 fi
 
-# ---------------------------------------------------------------- 5. env
+# ---------------------------------------------------------------- 5. NVMe image
+# A small ext4 filesystem with one known file; made once (a second run keeps it,
+# the guest only ever opens it with snapshot=on).
+nvme_image=$cache/nvme.ext4
+nvme_stamp="ext4 ${NVME_IMAGE_MIB}MiB v1"
+if [ "$(cat "$cache/.vlt-nvme" 2>/dev/null)" != "$nvme_stamp" ] || [ ! -s "$nvme_image" ]; then
+    log "making the guest NVMe image $nvme_image (${NVME_IMAGE_MIB} MiB ext4)"
+    seed=$(mktemp -d "$cache/.nvme-seed.XXXXXX")
+    echo "vfio-libvirt test NVMe" >"$seed/vfio-libvirt-test.txt"
+    tmpimg=$(mktemp "$cache/.nvme.ext4.XXXXXX")
+    # fixed UUID and hash seed: the same image on every machine
+    mkfs.ext4 -q -F -L vltnvme -U 6e766d65-0000-4000-8000-766c746e766d \
+        -E root_owner=0:0,hash_seed=6e766d65-0000-4000-8000-766c746e766d \
+        -d "$seed" "$tmpimg" "${NVME_IMAGE_MIB}M" >&2 || { rm -rf "$seed" "$tmpimg"; die "mkfs.ext4 failed"; }
+    rm -rf "$seed"
+    chmod 644 "$tmpimg"
+    mv -f "$tmpimg" "$nvme_image"
+    echo "$nvme_stamp" >"$cache/.vlt-nvme"
+fi
+
+# ---------------------------------------------------------------- 6. env
 envtmp=$(mktemp "$cache/.env.XXXXXX")
 cat >"$envtmp" <<EOF
 # written by tests/vm/provision.sh; read by tests/vm/guest.py
@@ -214,10 +278,11 @@ VLT_VENV_BIN='$venv/bin'
 VLT_VNG='$venv/bin/vng'
 VLT_VNG_VERSION='$VNG_VERSION'
 VLT_TEST_MODULES='vlt_virtio_vfio_pci:vlt-virtio-vfio vlt_vendor_vfio_pci:vlt-vendor-vfio'
+VLT_NVME_IMAGE='$nvme_image'
 EOF
 if cmp -s "$envtmp" "$cache/env"; then rm -f "$envtmp"; else mv "$envtmp" "$cache/env"; log "wrote $cache/env"; fi
 
-# ---------------------------------------------------------------- 6. libvirt
+# ---------------------------------------------------------------- 7. libvirt
 if [ $want_libvirt = 1 ]; then
     # libvirt 11.x from bookworm-backports; systemd-container is held to
     # bookworm's so that -t bookworm-backports does not drag in systemd 254.
