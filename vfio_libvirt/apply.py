@@ -23,6 +23,11 @@ from vfio_libvirt.sysfs import Sysfs
 _TRANSIENT_ERRNOS = {errno.EBUSY, errno.EAGAIN, errno.EINTR}
 
 
+HOLDER_POLL = 0.005
+"""Seconds between looks at known holders: a few readlinks, so a restore starts within
+milliseconds of QEMU letting go, not after a backoff step."""
+
+
 class NotYet(Exception):
     """A condition that may clear by itself: worth another try before the deadline."""
 
@@ -86,9 +91,10 @@ class Switcher:
 
     def bind(self, address: PciAddress, driver: str, seconds: float) -> None:
         """Make `driver` (and only it) drive the device, within `seconds`."""
+        deadline = time.monotonic() + seconds
         for attempt in retrying(seconds):
             with attempt:
-                self._bind_once(address, driver)
+                self._bind_once(address, driver, deadline)
 
     def restore(
         self, address: PciAddress, driver: str | None, override: str | None, seconds: float
@@ -102,15 +108,16 @@ class Switcher:
         written only once that driver holds the device (writing it unbinds nothing).
         `driver` None: the device had no driver, and is left without one.
         """
+        deadline = time.monotonic() + seconds
         for attempt in retrying(seconds):
             with attempt:
-                self._restore_once(address, driver, override)
+                self._restore_once(address, driver, override, deadline)
 
-    def _bind_once(self, address: PciAddress, driver: str) -> None:
+    def _bind_once(self, address: PciAddress, driver: str, deadline: float) -> None:
         sysfs = self.sysfs
         current = sysfs.driver(address)
         if current != driver:
-            self._release_current(address, current, pin=driver)
+            self._release_current(address, current, pin=driver, deadline=deadline)
             sysfs.probe(address)
             now = sysfs.driver(address)
             if now != driver:
@@ -119,14 +126,17 @@ class Switcher:
         if sysfs.driver_override(address) != driver:
             sysfs.set_driver_override(address, driver)
 
-    def _restore_once(self, address: PciAddress, driver: str | None, override: str | None) -> None:
+    def _restore_once(
+        self, address: PciAddress, driver: str | None, override: str | None, deadline: float
+    ) -> None:
         sysfs = self.sysfs
         current = sysfs.driver(address)
         if current != driver:
             if driver is not None and not sysfs.driver_registered(driver):
                 # unbinding now would strand the device: wait for the driver to come back
                 raise NotYet(f"its original driver {driver} is not loaded")
-            self._release_current(address, current, pin=driver if driver is not None else override)
+            self._release_current(address, current, pin=driver if driver is not None else override,
+                                  deadline=deadline)
             if driver is not None:
                 sysfs.probe(address)
                 now = sysfs.driver(address)
@@ -135,18 +145,28 @@ class Switcher:
         if sysfs.driver_override(address) != override:
             sysfs.set_driver_override(address, override)
 
-    def _release_current(self, address: PciAddress, current: str | None, *, pin: str | None) -> None:
+    def _release_current(
+        self, address: PciAddress, current: str | None, *, pin: str | None, deadline: float
+    ) -> None:
         """Pin the override to `pin`, then unbind `current`; holders are checked before any write.
 
         Unbinding a VFIO device that a process still holds blocks in the kernel until it
         lets go, so a held device is a reason to wait, and nothing is written meanwhile.
         """
         sysfs = self.sysfs
-        if current is not None and (holders := sysfs.vfio_holders(address)):
-            raise NotYet(f"still held open by {', '.join(holders)}")
+        if current is not None and (holders := sysfs.vfio_holder_pids(address)):
+            self._wait_for(address, holders, deadline)
+            if holders := sysfs.vfio_holder_pids(address):  # a new holder may have come
+                raise NotYet("still held open by " + ", ".join(f"{p} ({c})" for p, c in holders.items()))
         if sysfs.driver_override(address) != pin:
             sysfs.set_driver_override(address, pin)
         if current is not None:
             sysfs.unbind(address)
             if sysfs.driver(address) is not None:
                 raise NotYet(f"{current} did not let go")
+
+    def _wait_for(self, address: PciAddress, holders: dict[int, str], deadline: float) -> None:
+        """Wait until the processes in `holders` let go of the device, or the deadline."""
+        pids = list(holders)
+        while time.monotonic() < deadline and self.sysfs.vfio_holder_pids(address, among=pids):
+            time.sleep(HOLDER_POLL)

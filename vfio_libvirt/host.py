@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 from vfio_libvirt import libvirt_version
@@ -29,6 +29,10 @@ from vfio_libvirt.sysfs import Sysfs
 
 log = logging.getLogger("vfio_libvirt")
 
+MIN_GUARD_SECONDS = 0.5
+"""What the guard gets even when a start's budget went on waiting for another domain:
+the refusal must then say why it waited, not that the device could not be checked."""
+
 
 @dataclass
 class Host:
@@ -41,6 +45,7 @@ class Host:
     deadline: float | None = None
     """time.monotonic() by which a start must be done (set by prepare); bounds the guard."""
     _holders_stuck: str = ""
+    _holders_read: dict[PciAddress, DeviceHolders] = field(default_factory=dict)
 
     @cached_property
     def sysfs(self) -> Sysfs:
@@ -89,7 +94,10 @@ class Host:
         """
         if self._holders_stuck:
             return _cannot_decide(address, self._holders_stuck)
+        if address in self._holders_read:  # read moments ago, by the plan outside the lock
+            return self._holders_read[address]
         budget = self.config.bind_timeout if self.deadline is None else self.deadline - time.monotonic()
+        budget = max(budget, MIN_GUARD_SECONDS)
         result: list[DeviceHolders | BaseException] = []
 
         def read() -> None:
@@ -111,6 +119,7 @@ class Host:
             err = result[0]
             log.error("%s: reading what holds the device failed: %s: %s", address, type(err).__name__, err)
             return _cannot_decide(address, f"cannot be checked ({type(err).__name__}: {err})")
+        self._holders_read[address] = result[0]
         return result[0]
 
     @cached_property

@@ -103,24 +103,33 @@ class Sysfs:
         Unbinding a VFIO device that a process still uses blocks in the kernel until the
         process lets go, so callers wait (with a deadline) while this is non-empty.
         """
+        return [f"{pid} ({comm})" for pid, comm in self.vfio_holder_pids(address).items()]
+
+    def vfio_holder_pids(self, address: PciAddress, among: list[int] | None = None) -> dict[int, str]:
+        """pid → comm of the processes holding the device open through VFIO.
+
+        `among` limits the look to those pids: a few readlinks instead of all of /proc,
+        cheap enough to ask every few milliseconds while waiting for a known holder.
+        """
         nodes = self.vfio_dev_nodes(address)
-        holders = []
-        try:
-            pids = [p for p in os.listdir(self.proc) if p.isdigit()]
-        except FileNotFoundError:
-            return []
-        for pid in pids:
-            fd_dir = self.proc / pid / "fd"
+        holders: dict[int, str] = {}
+        if among is None:
+            try:
+                among = [int(p) for p in os.listdir(self.proc) if p.isdigit()]
+            except FileNotFoundError:
+                return {}
+        for pid in among:
+            fd_dir = self.proc / str(pid) / "fd"
             try:
                 targets = {os.readlink(fd_dir / fd) for fd in os.listdir(fd_dir)}
             except OSError:
                 continue  # gone, or not ours to read
             if targets & nodes:
                 try:
-                    comm = (self.proc / pid / "comm").read_text().strip()
+                    comm = (self.proc / str(pid) / "comm").read_text().strip()
                 except OSError:
                     comm = "?"
-                holders.append(f"{pid} ({comm})")
+                holders[pid] = comm
         return holders
 
     def module_pci_drivers(self, module: str) -> list[str]:

@@ -150,3 +150,15 @@ def test_bind_driver_names_the_command_line_as_its_source(sim, capsys):
     err = capsys.readouterr().err
     assert "--driver e1000e on the command line: e1000e is not a VFIO driver" in err
     assert sim.writes == [] and journal() == {}
+
+
+def test_restore_waits_for_a_holder_that_comes_while_it_waits_for_the_first(sim):
+    """Waiting watches only the holders it knows (cheap); before unbinding it looks at all
+    of /proc again, so a second process that opened the group meanwhile is waited for too."""
+    assert run_hook("vm1", "prepare", "begin", domain_xml("vm1", pci(NIC))) == 0
+    sim.hold_open(NIC, seconds=0.3, pid=4242)
+    threading.Timer(0.15, sim.hold_open, (NIC,), {"seconds": 0.45, "pid": 4343}).start()
+    started = time.monotonic()
+    assert run_hook("vm1", "release", "end", b"") == 0
+    assert time.monotonic() - started >= 0.55  # the second holder let go at about 0.6 s
+    assert sim.driver_of(NIC) == "virtio-pci" and journal() == {}
