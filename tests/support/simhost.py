@@ -14,11 +14,20 @@ as the kernel lays it out, so `vfio_libvirt.holders` reads it with its ordinary 
   fake `ip` script (like SimKernel's fake modprobe) that also logs its calls;
 - DRM cards and render nodes, framebuffers and the vtconsoles fbcon binds, `boot_vga`;
 - SR-IOV: VFs as devices of their own, `virtfnN`/`physfn` links, `sriov_numvfs`;
-- processes: `/proc/<pid>/{comm,fd/N,maps}`, kernel threads (empty maps).
+- processes: `/proc/<pid>/{comm,fd/N,maps,ns/mnt}`, kernel threads (empty maps), and
+  mounts that exist only in another mount namespace (`/proc/<pid>/mountinfo`);
+- what else the kernel shows of block devices: partitions of stacked disks, NVMe
+  multipath heads, loop devices and their backing files, btrfs members under
+  `/sys/fs/btrfs`, `/dev` nodes and symlinks, and device nodes the kernel calls busy.
+
+There is no /dev unless a test makes one (`dev_node`).  A node made `busy=True` is one
+the kernel has claimed: `open_node`, patched over `holders_claim.open_node`, answers
+EBUSY for it as the kernel answers an exclusive open, and opens every other path for real.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -30,7 +39,8 @@ NVME = "pci:v0000144Dd0000A808sv0000144Dsd0000A801bc01sc08i02"
 IGB_VF = "pci:v00008086d000010CAsv00008086sd00000000bc02sc00i00"
 
 MAJOR = {"nvme": 259, "sd": 8, "vd": 252, "dm": 253, "md": 9, "nvme-char": 240, "drm": 226,
-         "fb": 29}
+         "fb": 29, "loop": 7}
+HOST_MNT_NS = "mnt:[4026531841]"
 
 
 def _link(link: Path, target: Path) -> None:
@@ -65,13 +75,15 @@ class SimHost:
         self._ifindex = 1
         self._ip: dict[str, list[dict]] = {"addr": [], "route": [], "route6": []}
         self._write_ip()
-        (self.proc / "1").mkdir(parents=True, exist_ok=True)
+        (self.proc / "1" / "ns").mkdir(parents=True, exist_ok=True)
+        os.symlink(HOST_MNT_NS, self.proc / "1" / "ns" / "mnt")
         self.mountinfo = self.proc / "1" / "mountinfo"
         self.mountinfo.write_text(
             "22 1 0:21 / /proc rw,nosuid,nodev,noexec,relatime shared:12 - proc proc rw\n"
             "23 1 0:22 / /sys rw,nosuid,nodev,noexec,relatime shared:7 - sysfs sysfs rw\n")
         (self.proc / "swaps").write_text("Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n")
         self._mount_id = 100
+        self.busy: set[str] = set()
 
     def device(self, bdf: str) -> Path:
         return self.kernel.devices / bdf
@@ -141,19 +153,77 @@ class SimHost:
             _link(directory / "slaves" / lower, lower_dir)
         return directory
 
+    def partition(self, disk: str, part: str, number: int = 1) -> str:
+        """A partition of any block device (`md126p2` under md126), as a child directory."""
+        disk_dir = (self.sys / "class" / "block" / disk).resolve()
+        return self.block(disk_dir / part, part, major=259, partition=number)  # blkext
+
+    def nvme_multipath(self, bdf: str, ctrl: str = "nvme0", subsys: str = "nvme-subsys0",
+                       head: str = "nvme0n1", partitions: tuple[str, ...] = ()) -> Path:
+        """Native NVMe multipath: the hidden path disk `nvme0c0n1` under the controller, the
+        head `nvme0n1` (with its partitions) under the virtual subsystem, `multipath/` links."""
+        ctrl_dir = self.device(bdf) / "nvme" / ctrl
+        self.node("nvme", ctrl_dir, ctrl, major=MAJOR["nvme-char"], block=False)
+        path_dev = f"{ctrl}c0{head.removeprefix(ctrl)}"
+        self.block(ctrl_dir / path_dev, path_dev, major=MAJOR["nvme"])
+        head_dir = self.sys / "devices" / "virtual" / "nvme-subsystem" / subsys / head
+        self._disk(head_dir, head, partitions, MAJOR["nvme"])
+        _link(head_dir / "multipath" / path_dev, ctrl_dir / path_dev)
+        return head_dir
+
+    def loop(self, name: str, backing_file: str | None) -> Path:
+        """`/sys/devices/virtual/block/loopN`, with `loop/backing_file` while it is bound."""
+        directory = self.sys / "devices" / "virtual" / "block" / name
+        self.block(directory, name, major=MAJOR["loop"])
+        if backing_file is not None:
+            (directory / "loop").mkdir()
+            (directory / "loop" / "backing_file").write_text(backing_file + "\n")
+        return directory
+
+    def btrfs(self, fsid: str, members: list[str]) -> None:
+        """`/sys/fs/btrfs/<fsid>/devices/<name>`: the members of a mounted btrfs."""
+        for member in members:
+            _link(self.sys / "fs" / "btrfs" / fsid / "devices" / member,
+                  (self.sys / "class" / "block" / member).resolve())
+
     def majmin(self, name: str) -> str:
         return (self.sys / "class" / "block" / name / "dev").read_text().strip()
 
     def mount(self, device: str | None, mountpoint: str, *, fstype: str = "ext4",
-              majmin: str | None = None, source: str | None = None) -> None:
+              majmin: str | None = None, source: str | None = None, options: str = "rw",
+              pid: int = 1) -> None:
         """A mountinfo line for `device` (a block name) at `mountpoint`; btrfs-like mounts
-        pass their anonymous `majmin` and the `source` device path."""
+        pass their anonymous `majmin` and the `source` device path, an overlay its super
+        `options`.  `pid` other than 1: in that process's mountinfo (its mount namespace)."""
         majmin = majmin or self.majmin(device or "")
         source = source or f"/dev/{device}"
         self._mount_id += 1
-        with self.mountinfo.open("a") as out:
+        with (self.proc / str(pid) / "mountinfo").open("a") as out:
             out.write(f"{self._mount_id} 1 {majmin} / {escape(mountpoint)} rw,relatime shared:1 - "
-                      f"{fstype} {escape(source)} rw\n")
+                      f"{fstype} {escape(source)} {options}\n")
+
+    # --- /dev ----------------------------------------------------------------------------
+    def dev_node(self, name: str, *, busy: bool = False) -> Path:
+        """`<root>/dev/<name>` (a plain file: the simulation has no real nodes); a busy one
+        is claimed by the kernel (mounted, in a pool or array) as far as `open_node` says."""
+        node = self.root / "dev" / name
+        node.parent.mkdir(parents=True, exist_ok=True)
+        node.touch()
+        if busy:
+            self.busy.add(str(node))
+        return node
+
+    def dev_link(self, path: str, target: str) -> None:
+        """A udev symlink, e.g. `/dev/disk/by-uuid/…` → `../../nvme0n1p2`."""
+        link = self.root / path.lstrip("/")
+        link.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(target, link)
+
+    def open_node(self, path: str | os.PathLike[str], flags: int, mode: int = 0o777) -> int:
+        """`os.open`, except that a busy node answers an exclusive open as the kernel does."""
+        if str(path) in self.busy and flags & os.O_EXCL:
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(path))
+        return os.open(path, flags, mode)
 
     def swap(self, path: str, kind: str = "partition") -> None:
         with (self.proc / "swaps").open("a") as out:
@@ -214,12 +284,17 @@ class SimHost:
         self._write_ip()
 
     def ip_route(self, dev: str, gateway: str | None, *, dst: str = "default",
-                 ipv6: bool = False) -> None:
-        """A route in `ip -j route show` (or `-6`, for an IPv6 gateway or ipv6=True)."""
+                 ipv6: bool = False, table: str | None = None, kind: str | None = None) -> None:
+        """A route in `ip -j route show` (or `-6`, for an IPv6 gateway or ipv6=True); one
+        in another `table` (or of a `kind` such as "local") only with `table all`, as ip
+        prints them: without "table" for main, with "type" only when not unicast."""
         family = "route6" if ipv6 or (gateway and ":" in gateway) else "route"
-        route = {"dst": dst, "dev": dev, "flags": []}
+        route: dict = {"type": kind} if kind else {}
+        route |= {"dst": dst, "dev": dev, "flags": []}
         if gateway:
             route["gateway"] = gateway
+        if table:
+            route["table"] = table
         self._ip[family].append(route)
         self._write_ip()
 
@@ -232,9 +307,15 @@ class SimHost:
     def _write_ip(self) -> None:
         for name, entries in self._ip.items():
             (self.ip_dir / f"{name}.json").write_text(json.dumps(entries))
+            if name.startswith("route"):  # what `ip route show` (the main table) prints
+                main = [r for r in entries if "table" not in r and "type" not in r]
+                (self.ip_dir / f"{name}-main.json").write_text(json.dumps(main))
+        both = self._ip["route"] + self._ip["route6"]
+        (self.ip_dir / "route-both.json").write_text(json.dumps(both))
 
     def ip_command(self) -> tuple[str, ...]:
-        """A fake `ip` printing the JSON above (a failure if `ip_fail` was called)."""
+        """A fake `ip` printing the JSON above (a failure if `ip_fail` was called); like
+        iproute2 6.1, `route show table all` without `-4` lists IPv6 routes too."""
         script = self.root / "fake-ip"
         d = self.ip_dir
         script.write_text(
@@ -242,9 +323,12 @@ class SimHost:
             f"echo \"$*\" >> '{d}/calls'\n"
             f"if [ -f '{d}/fail' ]; then cat '{d}/fail' >&2; exit 1; fi\n"
             "case \" $* \" in\n"
-            f"  *' -6 '*) exec cat '{d}/route6.json' ;;\n"
             f"  *' addr '*) exec cat '{d}/addr.json' ;;\n"
-            f"  *) exec cat '{d}/route.json' ;;\n"
+            f"  *' -6 '*' table all '*) exec cat '{d}/route6.json' ;;\n"
+            f"  *' -6 '*) exec cat '{d}/route6-main.json' ;;\n"
+            f"  *' -4 '*' table all '*) exec cat '{d}/route.json' ;;\n"
+            f"  *' table all '*) exec cat '{d}/route-both.json' ;;\n"  # no family: both
+            f"  *) exec cat '{d}/route-main.json' ;;\n"
             "esac\n")
         script.chmod(0o755)
         return (str(script),)
@@ -262,7 +346,16 @@ class SimHost:
                       devname=f"dri/{render}")
 
     def framebuffer(self, bdf: str, fb: str = "fb0") -> None:
-        self.node("graphics", self.device(bdf) / "graphics" / fb, fb, major=MAJOR["fb"], block=False)
+        directory = self.device(bdf) / "graphics" / fb
+        self.node("graphics", directory, fb, major=MAJOR["fb"], block=False)
+        _link(directory / "device", self.device(bdf))
+
+    def firmware_framebuffer(self, fb: str = "fb0", kind: str = "efi-framebuffer") -> Path:
+        """A framebuffer the firmware set up (efifb, vesafb, simplefb): a platform device."""
+        platform = self.sys / "devices" / "platform" / f"{kind}.0"
+        self.node("graphics", platform / "graphics" / fb, fb, major=MAJOR["fb"], block=False)
+        _link(platform / "graphics" / fb / "device", platform)
+        return platform
 
     def vtconsoles(self, fbcon_bind: str = "1") -> None:
         """vtcon0 the dummy console (unbound), vtcon1 fbcon with `bind` = fbcon_bind."""
@@ -289,11 +382,14 @@ class SimHost:
 
     # --- processes -------------------------------------------------------------------------
     def process(self, pid: int, comm: str, *, fds: tuple[str, ...] = (),
-                maps: tuple[str, ...] = ("/usr/bin/true",), kernel_thread: bool = False) -> Path:
-        """/proc/<pid> with `fds` (link targets, e.g. "/dev/dri/card0", "socket:[1]") and
-        a maps file naming `maps` (empty for a kernel thread)."""
+                maps: tuple[str, ...] = ("/usr/bin/true",), kernel_thread: bool = False,
+                mnt_ns: str = HOST_MNT_NS) -> Path:
+        """/proc/<pid> with `fds` (link targets, e.g. "/dev/dri/card0", "socket:[1]"), a maps
+        file naming `maps` (empty for a kernel thread), and its mount namespace's `ns/mnt`."""
         directory = self.proc / str(pid)
         (directory / "fd").mkdir(parents=True)
+        (directory / "ns").mkdir()
+        os.symlink(mnt_ns, directory / "ns" / "mnt")
         (directory / "comm").write_text(comm + "\n")
         for n, target in enumerate(fds):
             os.symlink(target, directory / "fd" / str(n))
