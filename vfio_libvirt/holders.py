@@ -56,7 +56,7 @@ from vfio_libvirt.sysfs import Sysfs
 Severity = Literal["critical", "in_use", "info"]
 _ORDER = {"critical": 0, "in_use": 1, "info": 2}
 _BDF = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]")
-_FB = re.compile(r"fb\d+")
+_FB = re.compile(r"fb[0-9]+")
 
 
 @dataclass(frozen=True)
@@ -229,7 +229,7 @@ class HolderReader:
         attribute cannot hide VFs that exist."""
         vfs = []
         try:
-            entries = [e for e in os.listdir(device) if re.fullmatch(r"virtfn\d+", e)]
+            entries = [e for e in os.listdir(device) if re.fullmatch(r"virtfn[0-9]+", e)]
         except OSError:
             entries = []
         for entry in sorted(entries, key=lambda e: int(e[6:])):
@@ -237,8 +237,8 @@ class HolderReader:
                 vfs.append(os.readlink(device / entry).rsplit("/", 1)[-1])
             except OSError:
                 continue
-        numvfs = read_attr(device / "sriov_numvfs")
-        count = max(len(vfs), int(numvfs) if numvfs and numvfs.isdigit() else 0)
+        numvfs = read_attr(device / "sriov_numvfs") or ""
+        count = max(len(vfs), int(numvfs) if numvfs.isascii() and numvfs.isdecimal() else 0)
         if not count:
             return []
         them = "it" if count == 1 else "them all"
@@ -271,7 +271,7 @@ class HolderReader:
             nodes = {f"/dev/vfio/devices/{e}" for e in os.listdir(device / "vfio-dev")}
         except OSError:
             nodes = set()
-        if (group := link_name(device / "iommu_group")) and group.isdigit():
+        if (group := link_name(device / "iommu_group")) and group.isascii() and group.isdecimal():
             for name in (group, f"noiommu-{group}"):
                 if nodes or os.path.lexists(self.sys / "class" / "vfio" / name):
                     nodes.add(f"/dev/vfio/{name}")
@@ -303,8 +303,8 @@ class HolderReader:
         for node, names in self._pids_with(nodes).items():
             for name in names:
                 by_process.setdefault(name, []).append(node)
-        holders = [Holder("process", name, f"has {', '.join(sorted(held))} open", "in_use")
-                   for name, held in by_process.items()]
+        holders = [Holder("process", name, f"has {', '.join(map(printable, sorted(held)))} open",
+                          "in_use") for name, held in by_process.items()]
         holders += [Holder("process", name, f"maps {', '.join(files)}", "in_use")
                     for name, files in self._mappers(bdf).items()]
         if scan.error:

@@ -1,15 +1,21 @@
 """What the host's network uses an interface for: routes, addresses, bridges and bonds.
 
-The facts come from iproute2's JSON output (`ip -j -d addr show`, `ip -j route show`,
-`ip -j -6 route show`), not from pyroute2 or netlink of our own: the dependency list
+The facts come from iproute2's JSON output (`ip -j -d addr show`, `ip -j -4 route show
+table all`, `ip -j -6 route show table all`), not from pyroute2 or netlink of our own: the dependency list
 is fixed (libvirt-python, lxml, tenacity) and iproute2 is on every Debian host.  The
 three commands run once per reader, in parallel, and only when a device has network
 interfaces at all.  Which interface sits on top of which (bridge, bond, team, VLAN)
 comes from sysfs (`master`, `upper_*`), with `ip -d`'s link kind to name it.
 
+A default route in any table is the host's: policy routing (`ip rule … table 100`) and
+VRFs send traffic through tables other than main, so every table is read; routes that
+carry nothing out through an interface (local, broadcast, multicast, anycast, and the
+unreachable/prohibit/blackhole/throw kinds) are skipped.
+
 An interface whose default route we cannot rule out — `ip` missing, failing, or
 printing something that is not its JSON — is reported as a critical "unknown": a
-guard that cannot tell must refuse.
+guard that cannot tell must refuse.  JSON of an unexpected shape inside (a list where
+a string belongs) is skipped field by field, never trusted and never a crash.
 """
 
 from __future__ import annotations
@@ -31,8 +37,14 @@ if TYPE_CHECKING:
 
 IP_TIMEOUT = 10.0
 """Seconds for all three `ip` calls together; `ip` answers in milliseconds."""
-_COMMANDS = (("-j", "-d", "addr", "show"), ("-j", "route", "show"), ("-j", "-6", "route", "show"))
+_COMMANDS = (("-j", "-d", "addr", "show"), ("-j", "-4", "route", "show", "table", "all"),
+             ("-j", "-6", "route", "show", "table", "all"))
+"""`-4` is needed: without a family, `table all` lists IPv6 routes too (iproute2 only
+defaults to IPv4 while a table filter is set)."""
 _DEFAULT = {"default", "0.0.0.0/0", "::/0"}
+_NOT_OUT = {"local", "broadcast", "multicast", "anycast", "unreachable", "prohibit", "blackhole",
+            "throw", "nat"}
+_MAIN = {"main", "254"}
 _MAX_DEPTH = 8
 
 
@@ -40,8 +52,9 @@ _MAX_DEPTH = 8
 class IpFacts:
     links: dict[str, dict[str, Any]]
     """ifname → its `ip -j -d addr show` object."""
-    defaults: dict[str, list[tuple[str, str | None]]]
-    """ifname → default routes through it: (family "", "IPv6 ", gateway or None)."""
+    defaults: dict[str, list[tuple[str, str | None, str | None]]]
+    """ifname → default routes through it: (family "", "IPv6 ", gateway or None, table
+    or None for main)."""
 
 
 class IpState:
@@ -68,25 +81,29 @@ class IpState:
         outputs = _collect(self._argvs, self._started)
         if isinstance(outputs, str):
             return outputs
+        command = printable(" ".join(self.ip))
         try:
             parsed = [json.loads(out or "[]") for out in outputs]
-        except ValueError:
-            return f"`{' '.join(self.ip)}` printed something that is not JSON"
+        except (ValueError, RecursionError):  # RecursionError: nesting deeper than any ip prints
+            return f"`{command}` printed something that is not JSON"
         if not all(isinstance(p, list) and all(isinstance(i, dict) for i in p) for p in parsed):
-            return f"`{' '.join(self.ip)}` printed JSON of an unexpected shape"
+            return f"`{command}` printed JSON of an unexpected shape"
         addrs, routes4, routes6 = parsed
         links = {i["ifname"]: i for i in addrs if isinstance(i.get("ifname"), str)}
-        defaults: dict[str, list[tuple[str, str | None]]] = {}
+        defaults: dict[str, list[tuple[str, str | None, str | None]]] = {}
         for family, routes in (("", routes4), ("IPv6 ", routes6)):
             for route in routes:
-                if route.get("dst") not in _DEFAULT:
+                dst, kind, table = route.get("dst"), route.get("type", "unicast"), route.get("table")
+                if not (isinstance(dst, str) and dst in _DEFAULT and isinstance(kind, str)
+                        and kind not in _NOT_OUT):
                     continue
-                hops = route.get("nexthops") if isinstance(route.get("nexthops"), list) else [route]
-                for hop in hops:
+                table = str(table) if isinstance(table, str | int) and str(table) not in _MAIN else None
+                nexthops = route.get("nexthops")
+                for hop in nexthops if isinstance(nexthops, list) else [route]:
                     if isinstance(hop, dict) and isinstance(hop.get("dev"), str):
                         gateway = hop.get("gateway") or route.get("gateway")
                         defaults.setdefault(hop["dev"], []).append(
-                            (family, gateway if isinstance(gateway, str) else None))
+                            (family, gateway if isinstance(gateway, str) else None, table))
         return IpFacts(links, defaults)
 
 
@@ -140,40 +157,51 @@ def interface_holders(ifname: str, class_net: Path, state: IpState) -> list[Hold
     """Everything the host's network uses `ifname` for, most serious first."""
     from vfio_libvirt.holders import Holder
 
+    shown = printable(ifname)  # an interface name may hold control characters
     facts = state.facts
     if isinstance(facts, str):
-        return [Holder("unknown", ifname, f"cannot be checked for routes: {facts}", "critical")]
+        return [Holder("unknown", shown, f"cannot be checked for routes: {facts}", "critical")]
     link = facts.links.get(ifname)
     if link is None:
-        return [Holder("unknown", ifname, "cannot be checked for routes: `ip addr` does not list it "
+        return [Holder("unknown", shown, "cannot be checked for routes: `ip addr` does not list it "
                        "(renamed meanwhile, or in another network namespace?)", "critical")]
     holders = []
     uppers = _uppers(ifname, class_net, facts)
     for name, path in [(ifname, []), *uppers]:
-        for family, gateway in facts.defaults.get(name, []):
-            via = f" via {gateway}" if gateway else ""
+        for family, gateway, table in facts.defaults.get(name, []):
+            via = f" via {printable(gateway)}" if gateway else ""
+            where = f" (table {printable(table)})" if table else ""
             through = f" (through {', '.join(path)})" if path else ""
-            holders.append(Holder("route", ifname, f"carries the {family}default route{via}{through}",
-                                  "critical"))
+            holders.append(Holder("route", shown, f"carries the {family}default route{via}{where}"
+                                  f"{through}", "critical"))
     for name, path in uppers:
         if len(path) == 1:  # a direct upper: the master, or a VLAN/macvlan on top
             if name == _master(ifname, class_net, link):
-                holders.append(Holder("link", ifname, f"is a member of {path[0]}", "in_use"))
+                holders.append(Holder("link", shown, f"is a member of {path[0]}", "in_use"))
             else:
-                holders.append(Holder("link", ifname, f"is the lower link of {path[0]}", "in_use"))
+                holders.append(Holder("link", shown, f"is the lower link of {path[0]}", "in_use"))
     flags = link.get("flags") if isinstance(link.get("flags"), list) else []
-    addrs = [a for a in link.get("addr_info") or [] if isinstance(a, dict)]
-    global_addrs = [f"{a.get('local')}/{a.get('prefixlen')}" for a in addrs
-                    if a.get("scope") in ("global", "site") and a.get("local")]
+    info = link.get("addr_info")
+    addrs = [a for a in info if isinstance(a, dict)] if isinstance(info, list) else []
+    global_addrs = [_address(a) for a in addrs
+                    if a.get("scope") in ("global", "site") and isinstance(a.get("local"), str)
+                    and a["local"]]
     if "UP" not in flags:
-        holders.append(Holder("netdev", ifname, "is down", "info"))
+        holders.append(Holder("netdev", shown, "is down", "info"))
     elif global_addrs:
-        holders.append(Holder("address", ifname, f"is up with {', '.join(global_addrs)}", "in_use"))
+        holders.append(Holder("address", shown, f"is up with {', '.join(global_addrs)}", "in_use"))
     elif addrs:
-        holders.append(Holder("netdev", ifname, "is up with only link-local addresses", "info"))
+        holders.append(Holder("netdev", shown, "is up with only link-local addresses", "info"))
     else:
-        holders.append(Holder("netdev", ifname, "is up without addresses", "info"))
+        holders.append(Holder("netdev", shown, "is up without addresses", "info"))
     return holders
+
+
+def _address(addr: dict[str, Any]) -> str:
+    """`192.0.2.5/24`, or the bare address when the prefix length is not a number."""
+    prefix = addr.get("prefixlen")
+    length = f"/{prefix}" if isinstance(prefix, int) and not isinstance(prefix, bool) else ""
+    return printable(addr["local"]) + length
 
 
 def _uppers(ifname: str, class_net: Path, facts: IpFacts) -> list[tuple[str, list[str]]]:
@@ -221,7 +249,7 @@ def _describe(name: str, class_net: Path, facts: IpFacts) -> str:
     kind = info.get("info_kind") if isinstance(info, dict) else None
     if not isinstance(kind, str):
         kind = _sysfs_kind(class_net / name)
-    return f"{kind} {name}" if kind else name
+    return printable(f"{kind} {name}" if kind else name)
 
 
 def _sysfs_kind(path: Path) -> str | None:

@@ -331,7 +331,8 @@ def test_one_reader_runs_each_ip_command_once(host):
     read(host, NIC, reader)
     read(host, NIC2, reader)
     read(host, DISK, reader)
-    assert host.ip_calls() == ["-j -6 route show", "-j -d addr show", "-j route show"]
+    assert host.ip_calls() == ["-j -4 route show table all", "-j -6 route show table all",
+                               "-j -d addr show"]
 
 
 def test_failing_ip_is_a_critical_unknown_only_for_a_device_with_interfaces(host):

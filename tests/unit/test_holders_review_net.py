@@ -1,0 +1,101 @@
+"""The holder reader against a hostile review, networks and the console: default routes
+outside the main table, the console on a boot GPU without a driver, a secondary GPU
+that is not the console, and ip or sysfs content that used to crash the reader."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.support.simhost import VIRTIO_NET, SimHost
+from tests.support.simkernel import SimKernel
+from vfio_libvirt.holders import DeviceHolders, HolderReader
+from vfio_libvirt.pci import PciAddress
+
+NIC = "0000:00:03.0"
+GPU = "0000:01:00.0"
+GPU2 = "0000:02:00.0"
+PF = "0000:05:00.0"
+GPU_ALIAS = "pci:v000010DEd00002204sv00001458sd00004043bc03sc00i00"
+IGB = "pci:v00008086d000010C9sv00008086sd0000A03Csc00i00"
+
+
+@pytest.fixture
+def host() -> SimHost:
+    kernel = SimKernel(Path(os.environ["VFIO_LIBVIRT_SYSFS_ROOT"]))
+    kernel.add_device(NIC, VIRTIO_NET, group="4", driver="virtio-pci")
+    kernel.add_device(GPU, GPU_ALIAS, group="1", pci_class=0x030000, driver=None)
+    kernel.add_device(GPU2, GPU_ALIAS, group="2", pci_class=0x030000, driver="nouveau")
+    return SimHost(kernel)
+
+
+def read(host: SimHost, bdf: str, reader: HolderReader | None = None) -> DeviceHolders:
+    reader = reader or HolderReader(host.root, host.ip_command())
+    return reader.read(PciAddress.parse(bdf))
+
+
+def lines(found: DeviceHolders) -> list[tuple[str, str, str]]:
+    return [(h.severity, h.kind, str(h)) for h in found.holders]
+
+
+# --- 6. default routes in every table ---------------------------------------------------------
+def test_a_default_route_in_a_policy_routing_table(host):
+    host.netdev(NIC, "eth0")
+    host.ip_link("eth0")
+    host.ip_route("eth0", "192.0.2.1", table="100")
+    host.ip_route("eth0", "2001:db8::1", table="main")
+    host.ip_route("eth0", None, kind="local", table="local")  # local, broadcast…: not a route out
+    host.ip_route("eth0", None, kind="blackhole", table="200")
+    reader = HolderReader(host.root, host.ip_command())
+    assert [line for line in lines(read(host, NIC, reader)) if line[0] == "critical"] == [
+        ("critical", "route", "eth0 carries the default route via 192.0.2.1 (table 100)"),
+        ("critical", "route", "eth0 carries the IPv6 default route via 2001:db8::1"),
+    ]
+    assert host.ip_calls() == ["-j -4 route show table all", "-j -6 route show table all",
+                               "-j -d addr show"]
+
+
+# --- 9. robustness --------------------------------------------------------------------------
+def test_a_superscript_numvfs_is_garbage_not_a_crash(host):
+    host.kernel.add_device(PF, IGB, group="20", driver="igb")
+    (host.device(PF) / "sriov_numvfs").write_text("\u00b2\n")
+    assert read(host, PF).holders == ()
+
+
+@pytest.mark.parametrize("route", [
+    {"dst": ["x"], "dev": "eth0"}, {"dst": {"a": 1}, "dev": "eth0"}, {"dst": "default", "dev": ["eth0"]},
+    {"dst": "default", "dev": "eth0", "type": ["local"]}, {"dst": "default", "dev": "eth0", "table": [1]},
+    {"dst": "default", "nexthops": [5, {"dev": {}}, {"dev": "eth0", "gateway": 7}]},
+    {"dst": "default", "nexthops": {"dev": "eth0"}}, {"dst": "default", "dev": "eth0", "gateway": ["g"]},
+])
+def test_odd_route_json_never_crashes(host, route):
+    host.netdev(NIC, "eth0")
+    host.ip_link("eth0")
+    host._ip["route"].append(route)
+    host._write_ip()
+    found = read(host, NIC)
+    assert all(h.name == "eth0" for h in found.holders)
+
+
+@pytest.mark.parametrize("link", [
+    {"ifname": "eth0", "addr_info": 5}, {"ifname": "eth0", "addr_info": "x", "flags": "UP"},
+    {"ifname": "eth0", "flags": ["UP"], "addr_info": [{"local": ["x"], "scope": ["global"]}]},
+    {"ifname": "eth0", "flags": ["UP"], "addr_info": [{"local": "10.0.0.1\n", "prefixlen": {},
+                                                      "scope": "global"}]},
+    {"ifname": "eth0", "master": 5, "linkinfo": []}, {"ifname": ["eth0"]},
+])
+def test_odd_addr_json_never_crashes(host, link):
+    host.netdev(NIC, "eth0")
+    host._ip["addr"].append(link)
+    host._write_ip()
+    for holder in read(host, NIC).holders:
+        assert "\n" not in str(holder)
+
+
+def test_deeply_nested_ip_json_is_an_unknown_not_a_crash(host):
+    host.netdev(NIC, "eth0")
+    host.ip_garbage("[" * 100000 + "]" * 100000)
+    (unknown,) = read(host, NIC).holders
+    assert (unknown.severity, unknown.kind) == ("critical", "unknown")
