@@ -20,8 +20,9 @@ from vfio_libvirt.holders_scan import Mount, Swap, majmin_of, printable, read_at
 if TYPE_CHECKING:
     from vfio_libvirt.holders import Holder
 
-CRITICAL_MOUNTS = ("/", "/usr", "/boot")
-"""Mount points whose loss breaks the host itself (and anything below /boot/)."""
+CRITICAL_MOUNTS = ("/", "/usr", "/var", "/etc", "/boot")
+"""Mount points whose loss breaks the host itself (and anything below /boot/): without
+/var go journald, libvirt's own state and dpkg; without /etc, every login and service."""
 
 
 @dataclass
