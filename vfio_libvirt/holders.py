@@ -36,6 +36,7 @@ from typing import Literal
 
 from vfio_libvirt.errors import InputError
 from vfio_libvirt.holders_block import block_holders, find_blocks, multipath_heads
+from vfio_libvirt.holders_display import FB, display_holders, firmware_framebuffers
 from vfio_libvirt.holders_net import IpState, interface_holders
 from vfio_libvirt.holders_scan import (
     Mount,
@@ -56,7 +57,6 @@ from vfio_libvirt.sysfs import Sysfs
 Severity = Literal["critical", "in_use", "info"]
 _ORDER = {"critical": 0, "in_use": 1, "info": 2}
 _BDF = re.compile(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]")
-_FB = re.compile(r"fb[0-9]+")
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,13 @@ class HolderReader:
         blocks = find_blocks(class_block, own, self._multipath_heads if own else {})
         holders = block_holders(class_block, blocks, self._mounts, self._swaps) if own else []
         chars = self._char_nodes(bdf)
-        holders += self._display(device, chars)
+        boot_vga = read_attr(device / "boot_vga") == "1"
+        firmware = self._firmware_fbs if boot_vga else {}
+        for platform_device, _ in firmware.values():  # its /dev/fbN, simpledrm's card
+            chars |= self._char_nodes(platform_device)
+        own_fbs = sorted(n for n in chars if FB.fullmatch(n) and n not in firmware)
+        fbcon = self._fbcon if own_fbs or firmware else False
+        holders += display_holders(bdf, boot_vga, own_fbs, firmware, fbcon)
         holders += self._sriov(device)
         nodes = {f"/dev/{n}" for n in [*blocks.own, *blocks.stacked]} | set(chars.values())
         holders += self._process_holders(bdf, nodes | self._vfio_nodes(address))
@@ -161,6 +167,10 @@ class HolderReader:
         return multipath_heads(self.sys / "class" / "block", self._links("class/block"))
 
     @cached_property
+    def _firmware_fbs(self) -> dict[str, tuple[str, str]]:
+        return firmware_framebuffers(self.sys, self._links("class/graphics"))
+
+    @cached_property
     def _fbcon(self) -> bool | str:
         """Whether fbcon is bound to the consoles; a string says why we cannot tell."""
         root = self.sys / "class" / "vtconsole"
@@ -182,7 +192,8 @@ class HolderReader:
         return False
 
     def _below(self, links: dict[str, str], bdf: str) -> list[str]:
-        """Entries whose device lies below the PCI device `bdf` (not below a nested one)."""
+        """Entries whose device lies below the device `bdf` (a PCI address, or a platform
+        device's name), not below a nested PCI device."""
         marker = f"/{bdf}/"
         found = []
         for name, target in links.items():
@@ -191,10 +202,10 @@ class HolderReader:
                 found.append(name)
         return sorted(found)
 
-    # --- character devices, display ------------------------------------------------
+    # --- character devices ---------------------------------------------------------
     def _char_nodes(self, bdf: str) -> dict[str, str]:
-        """Kernel name → /dev path of each char device below the PCI device (DEVNAME in
-        its uevent says where udev puts it: dri/card0, snd/controlC0)."""
+        """Kernel name → /dev path of each char device below the device (DEVNAME in its
+        uevent says where udev puts it: dri/card0, snd/controlC0)."""
         nodes = {}
         for majmin in self._below(self._links("dev/char"), bdf):
             path = self.sys / "dev" / "char" / majmin
@@ -206,20 +217,6 @@ class HolderReader:
             if ".." not in devname.split("/"):
                 nodes[name] = f"/dev/{devname}"
         return nodes
-
-    def _display(self, device: Path, chars: dict[str, str]) -> list[Holder]:
-        """fbcon on one of its framebuffers takes the console with it; boot_vga is only said."""
-        holders = []
-        for fb in sorted(n for n in chars if _FB.fullmatch(n)):
-            fbcon = self._fbcon
-            if isinstance(fbcon, str):
-                holders.append(Holder("unknown", fb, f"cannot be checked for the console: {fbcon}",
-                                      "critical"))
-            elif fbcon:
-                holders.append(Holder("fbcon", fb, "drives the console (fbcon)", "critical"))
-        if read_attr(device / "boot_vga") == "1":
-            holders.append(Holder("drm", device.name, "is the boot VGA device", "info"))
-        return holders
 
     # --- SR-IOV ----------------------------------------------------------------------
     def _sriov(self, device: Path) -> list[Holder]:

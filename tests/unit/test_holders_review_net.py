@@ -57,6 +57,47 @@ def test_a_default_route_in_a_policy_routing_table(host):
                                "-j -d addr show"]
 
 
+# --- 7./8. the console ----------------------------------------------------------------------
+def test_the_firmware_framebuffer_of_a_driverless_boot_gpu_is_the_console(host):
+    host.boot_vga(GPU, "1")
+    host.firmware_framebuffer("fb0", "efi-framebuffer")
+    host.vtconsoles(fbcon_bind="1")
+    host.process(900, "Xorg", fds=("/dev/fb0",))
+    assert lines(read(host, GPU)) == [
+        ("critical", "fbcon", "fb0 (efifb) drives the console on this boot VGA device"),
+        ("in_use", "process", "900 (Xorg) has /dev/fb0 open"),
+        ("info", "drm", f"{GPU} is the boot VGA device"),
+    ]
+    assert read(host, GPU2).holders == ()  # not the boot VGA device: not its framebuffer
+
+
+def test_a_firmware_framebuffer_without_fbcon_is_only_said(host):
+    host.boot_vga(GPU, "1")
+    host.firmware_framebuffer("fb0", "simple-framebuffer")
+    host.vtconsoles(fbcon_bind="0")
+    assert read(host, GPU).verdict == "free"
+    assert ("info", "fbcon", "fb0 (simplefb) is the firmware framebuffer on this boot VGA "
+            "device; binding vfio-pci removes it") in lines(read(host, GPU))
+
+
+def test_a_secondary_gpus_framebuffer_is_in_use_not_the_console(host):
+    host.kernel.add_device("0000:06:00.0", GPU_ALIAS, group="7", pci_class=0x030000,
+                           driver="amdgpu")
+    host.framebuffer(GPU2, "fb0")
+    host.framebuffer("0000:06:00.0", "fb1")
+    host.vtconsoles(fbcon_bind="1")
+    assert lines(read(host, "0000:06:00.0")) == [
+        ("in_use", "fbcon", "fb1 is a framebuffer (fbcon could use it)")]
+    assert lines(read(host, GPU2)) == [("critical", "fbcon", "fb0 drives the console (fbcon)")]
+
+
+def test_the_boot_gpus_framebuffer_is_the_console_whatever_its_number(host):
+    host.framebuffer(GPU2, "fb1")
+    host.boot_vga(GPU2, "1")
+    host.vtconsoles(fbcon_bind="1")
+    assert lines(read(host, GPU2))[0] == ("critical", "fbcon", "fb1 drives the console (fbcon)")
+
+
 # --- 9. robustness --------------------------------------------------------------------------
 def test_a_superscript_numvfs_is_garbage_not_a_crash(host):
     host.kernel.add_device(PF, IGB, group="20", driver="igb")
