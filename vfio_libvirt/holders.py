@@ -35,8 +35,9 @@ from pathlib import Path
 from typing import Literal
 
 from vfio_libvirt.errors import InputError
-from vfio_libvirt.holders_block import block_holders, find_blocks, multipath_heads
+from vfio_libvirt.holders_block import Blocks, find_blocks, multipath_heads, read_loops
 from vfio_libvirt.holders_display import FB, display_holders, firmware_framebuffers
+from vfio_libvirt.holders_mounts import MountFacts, mount_holders
 from vfio_libvirt.holders_net import IpState, interface_holders
 from vfio_libvirt.holders_scan import (
     Mount,
@@ -107,7 +108,8 @@ class HolderReader:
 
     def __init__(self, root: Path, ip: Sequence[str] = ("ip",)) -> None:
         """`root` is `$VFIO_LIBVIRT_SYSFS_ROOT`: sysfs at root/sys, procfs at root/proc."""
-        self.sysfs = Sysfs(Path(root))
+        self.root = Path(root)
+        self.sysfs = Sysfs(self.root)
         self.sys = self.sysfs.sys
         self.proc = self.sysfs.proc
         self._ip = IpState(ip)
@@ -119,10 +121,9 @@ class HolderReader:
         interfaces = self._below(self._links("class/net"), bdf)
         if interfaces:
             self._ip.start()  # runs while the rest is read
-        class_block = self.sys / "class" / "block"
         own = self._below(self._links("class/block"), bdf)
-        blocks = find_blocks(class_block, own, self._multipath_heads if own else {})
-        holders = block_holders(class_block, blocks, self._mounts, self._swaps) if own else []
+        blocks = self._blocks(own) if own else Blocks({})
+        holders = self._block_holders(blocks) if own else []
         chars = self._char_nodes(bdf)
         boot_vga = read_attr(device / "boot_vga") == "1"
         firmware = self._firmware_fbs if boot_vga else {}
@@ -132,7 +133,7 @@ class HolderReader:
         fbcon = self._fbcon if own_fbs or firmware else False
         holders += display_holders(bdf, boot_vga, own_fbs, firmware, fbcon)
         holders += self._sriov(device)
-        nodes = {f"/dev/{n}" for n in [*blocks.own, *blocks.stacked]} | set(chars.values())
+        nodes = {f"/dev/{n}" for n in blocks.names()} | set(chars.values())
         holders += self._process_holders(bdf, nodes | self._vfio_nodes(address))
         for ifname in interfaces:
             holders += interface_holders(ifname, self.sys / "class" / "net", self._ip)
@@ -165,6 +166,14 @@ class HolderReader:
     @cached_property
     def _multipath_heads(self) -> dict[str, list[str]]:
         return multipath_heads(self.sys / "class" / "block", self._links("class/block"))
+
+    @cached_property
+    def _loops(self) -> dict[str, str]:
+        return read_loops(self.sys / "class" / "block", self._links("class/block"))
+
+    @cached_property
+    def _mount_facts(self) -> MountFacts:
+        return MountFacts(self.root, self.sys, self._mounts)
 
     @cached_property
     def _firmware_fbs(self) -> dict[str, tuple[str, str]]:
@@ -201,6 +210,17 @@ class HolderReader:
             if at >= 0 and not any(_BDF.fullmatch(p) for p in target[at + len(marker):].split("/")):
                 found.append(name)
         return sorted(found)
+
+    # --- block devices ----------------------------------------------------------------
+    def _blocks(self, own: list[str]) -> Blocks:
+        class_block = self.sys / "class" / "block"
+        return find_blocks(class_block, self._links("class/block"), own, heads=self._multipath_heads,
+                           loops=self._loops, on=self._mount_facts.on)
+
+    def _block_holders(self, blocks: Blocks) -> list[Holder]:
+        """Stacks, mounts and swap on the device's block devices."""
+        holders, _ = mount_holders(self.sys / "class" / "block", blocks, self._mount_facts, self._swaps)
+        return holders
 
     # --- character devices ---------------------------------------------------------
     def _char_nodes(self, bdf: str) -> dict[str, str]:

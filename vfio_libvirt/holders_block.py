@@ -1,28 +1,43 @@
-"""Block devices below a PCI device: what is stacked on them, where they are mounted, swap.
+"""Block devices below a PCI device, and everything built on them that dies with them.
 
 A PCI device's own block devices are its disks and partitions (found by the reader
-through `/sys/class/block`).  Anything built on them — device-mapper (LVM, dm-crypt),
-md RAID, an NVMe multipath head — lists them in its `holders/` (or `multipath/`), and
-dies with them, so it is followed recursively.  Mounts are matched by major:minor, and
-by source path for filesystems whose mountinfo shows an anonymous device (btrfs);
-swap by the device a swap area names, or, for a swap file, the filesystem it lies on.
+through `/sys/class/block`).  What is built on them is found four ways, recursively
+and however deep (a partition of an md array on a partition, a loop on a filesystem
+on an LV):
+
+- `holders/`: device-mapper (LVM, dm-crypt), md RAID, bcache list their lower devices;
+- `multipath/`: with native NVMe multipath the namespace a filesystem is on (nvme0n1)
+  hangs below a virtual subsystem, not below the PCI device; only its hidden per-path
+  disk (nvme0c0n1) does, and the head names it in `multipath/`;
+- partitions of a stacked disk (`md126p2`, `nvme0n1p1` of a multipath head) are child
+  directories of that disk with a `partition` file — in no `holders/`;
+- a loop device whose `loop/backing_file` lies on a filesystem mounted from one of
+  them (a disk image, a swap file attached with losetup, a live system's squashfs).
+
+Whether a mount is on one of them is `holders_mounts`' business; this module only
+asks it through the `on` callable (a path → the block devices its filesystem is on).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from vfio_libvirt.holders_scan import Mount, Swap, majmin_of, printable, read_attr
+from vfio_libvirt.holders_scan import majmin_of, printable, read_attr
 
-if TYPE_CHECKING:
-    from vfio_libvirt.holders import Holder
 
-CRITICAL_MOUNTS = ("/", "/usr", "/var", "/etc", "/boot")
-"""Mount points whose loss breaks the host itself (and anything below /boot/): without
-/var go journald, libvirt's own state and dpkg; without /etc, every login and service."""
+@dataclass(frozen=True)
+class Stack:
+    """How a stacked device sits on ours."""
+
+    lower: str
+    """The device it sits on directly."""
+    base: str
+    """The device of ours below it all."""
+    how: str = ""
+    """"" (it lists `lower` in `holders/` or `multipath/`), "partition", or "loop on PATH"."""
 
 
 @dataclass
@@ -31,20 +46,33 @@ class Blocks:
 
     own: dict[str, str]
     """name → major:minor ("" when its `dev` is unreadable)."""
-    stacked: dict[str, tuple[str, str]]
-    """name → (the device it sits on directly, the device of ours below it all)."""
-    dev: dict[str, str]
-    """major:minor of every one of them → label ("dm-0 (on nvme0n1p3)")."""
-    sources: dict[str, str]
-    """mount sources naming one of them ("/dev/mapper/vg-usr") → label."""
+    stacked: dict[str, Stack] = field(default_factory=dict)
+    parent: dict[str, str] = field(default_factory=dict)
+    """partition → the disk it is a partition of."""
+    majmin: dict[str, str] = field(default_factory=dict)
+    """Every one of them → major:minor ("" when unreadable)."""
+    dev: dict[str, str] = field(default_factory=dict)
+    """major:minor → name."""
+    sources: dict[str, str] = field(default_factory=dict)
+    """Paths a mount or swap may name one by ("/dev/dm-0", "/dev/mapper/vg-usr") → name."""
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.own or name in self.stacked
+
+    def names(self) -> list[str]:
+        return [*self.own, *self.stacked]
+
+    def label(self, name: str) -> str:
+        """`dm-0 (on nvme0n1p3)`: a stacked device says which of ours it is built on."""
+        stack = self.stacked.get(name)
+        return f"{name} (on {stack.base})" if stack else name
+
+    def disks(self) -> list[str]:
+        return [n for n in self.own if n not in self.parent] or list(self.own)[:1]
 
 
 def multipath_heads(class_block: Path, links: dict[str, str]) -> dict[str, list[str]]:
-    """NVMe path disk (nvme0c0n1, under the controller) → the multipath head disks using it.
-
-    With native NVMe multipath the namespace a filesystem is on (nvme0n1) hangs below a
-    virtual subsystem, not below the PCI device; only its hidden per-path disks do.
-    """
+    """NVMe path disk (nvme0c0n1, under the controller) → the multipath head disks using it."""
     heads: dict[str, list[str]] = {}
     for name, target in links.items():
         if "nvme-subsys" in target:
@@ -52,96 +80,100 @@ def multipath_heads(class_block: Path, links: dict[str, str]) -> dict[str, list[
                 for path in os.listdir(class_block / name / "multipath"):
                     heads.setdefault(path, []).append(name)
             except OSError:
-                continue
+                continue  # a partition of a head, or garbage
     return heads
 
 
-def find_blocks(class_block: Path, own_names: list[str], heads: dict[str, list[str]]) -> Blocks:
-    """The device's own block devices and, through `holders/` and multipath heads, every
-    device stacked on them, however deep (dm on md on a partition)."""
-    own = {name: majmin_of(class_block / name / "dev") for name in own_names}
-    stacked: dict[str, tuple[str, str]] = {}
-    frontier = [(name, name) for name in own]
+def read_loops(class_block: Path, links: dict[str, str]) -> dict[str, str]:
+    """Bound loop device → its backing file's path (without the " (deleted)" the kernel
+    appends to an unlinked one: its filesystem still holds it)."""
+    loops = {}
+    for name in links:
+        if name.startswith("loop") and (backing := read_attr(class_block / name / "loop" / "backing_file")):
+            loops[name] = backing.removesuffix(" (deleted)")
+    return loops
+
+
+def find_blocks(class_block: Path, links: dict[str, str], own_names: list[str], *,
+                heads: dict[str, list[str]], loops: dict[str, str],
+                on: Callable[[str, Blocks], list[str]]) -> Blocks:
+    """The device's own block devices (`links`: class/block's) and every device stacked
+    on them.  Loops are added in rounds — a loop found to be ours may hold the
+    filesystem the next loop's backing file lies on — until a round adds none."""
+    blocks = Blocks({name: majmin_of(class_block / name / "dev") for name in own_names})
+    for name in own_names:
+        if (class_block / name / "partition").exists():
+            parts = links.get(name, "").rsplit("/", 2)
+            if len(parts) == 3:
+                blocks.parent[name] = parts[1]
+    frontier = list(own_names)
     while frontier:
-        lower, base = frontier.pop(0)
+        _expand(class_block, blocks, frontier, heads)
+        frontier = []
+        for loop, backing in sorted(loops.items()):
+            if loop not in blocks and (lowers := on(backing, blocks)):
+                lower = lowers[0]
+                base = blocks.stacked[lower].base if lower in blocks.stacked else lower
+                blocks.stacked[loop] = Stack(lower, base, f"loop on {backing}")
+                frontier.append(loop)
+    return blocks
+
+
+def _expand(class_block: Path, blocks: Blocks, frontier: list[str],
+            heads: dict[str, list[str]]) -> None:
+    """Follow `holders/`, multipath heads and partitions of stacked disks from `frontier`,
+    indexing every device found by major:minor and by the paths naming it."""
+    for name in frontier:
+        _index(class_block, blocks, name)
+    while frontier:
+        lower = frontier.pop(0)
+        base = blocks.stacked[lower].base if lower in blocks.stacked else lower
         try:
             uppers = sorted(os.listdir(class_block / lower / "holders"))
         except OSError:
             uppers = []
-        for upper in uppers + heads.get(lower, []):
-            if upper not in own and upper not in stacked and "/" not in upper:
-                stacked[upper] = (lower, base)
-                frontier.append((upper, base))
-    dev, sources = {}, {}
-    for name in [*own, *stacked]:
-        label = f"{name} (on {stacked[name][1]})" if name in stacked else name
-        if majmin := own.get(name) or majmin_of(class_block / name / "dev"):
-            dev[majmin] = label
-        sources[f"/dev/{name}"] = label
-        if dm_name := read_attr(class_block / name / "dm" / "name"):
-            sources[f"/dev/mapper/{dm_name}"] = label
-    return Blocks(own, stacked, dev, sources)
+        found = [(upper, "") for upper in [*uppers, *heads.get(lower, [])]]
+        if lower in blocks.stacked:  # own partitions are own already
+            found += [(part, "partition") for part in _partitions(class_block, lower)]
+        for upper, how in found:
+            if upper not in blocks and "/" not in upper:
+                blocks.stacked[upper] = Stack(lower, base, how)
+                if how == "partition":
+                    blocks.parent[upper] = lower
+                _index(class_block, blocks, upper)
+                frontier.append(upper)
 
 
-def block_holders(class_block: Path, blocks: Blocks, mounts: tuple[list[Mount], str | None],
-                  swaps: tuple[list[Swap], str | None]) -> list[Holder]:
-    """Stacks, mounts and swap on the device's block devices; "unknown" where mountinfo,
-    swaps or a `dev` file cannot be read, since then a root filesystem could hide."""
-    from vfio_libvirt.holders import Holder
-
-    if not blocks.own:
+def _partitions(class_block: Path, disk: str) -> list[str]:
+    """Partitions of a disk: its child directories holding a `partition` file."""
+    try:
+        entries = os.listdir(class_block / disk)
+    except OSError:
         return []
-    holders = [Holder("unknown", name, "cannot be checked for mounts and swap: its dev file is "
-                      "unreadable or not major:minor", "critical")
-               for name, majmin in blocks.own.items() if not majmin]
-    for name, (lower, _) in blocks.stacked.items():
-        holders.append(Holder("stack", name, f"is stacked on {lower}{_stack_kind(class_block / name)}",
-                              "in_use"))
-    disks = ", ".join(n for n in blocks.own if not (class_block / n / "partition").exists())
-    disks = disks or next(iter(blocks.own))
-    mount_list, error = mounts
-    if error:
-        holders.append(Holder("unknown", disks, f"cannot be checked for mounts: {error}", "critical"))
-    for mount in mount_list:
-        if label := blocks.dev.get(mount.majmin) or blocks.sources.get(mount.source):
-            holders.append(_mount_holder(label, mount.mountpoint))
-    swap_list, error = swaps
-    if error:
-        holders.append(Holder("unknown", disks, f"cannot be checked for swap: {error}", "critical"))
-    for swap in swap_list:
-        if swap.kind == "file":  # held by the filesystem the file lies on
-            best = max((m for m in mount_list if _under(swap.path, m.mountpoint)),
-                       key=lambda m: len(m.mountpoint), default=None)
-            label = best and (blocks.dev.get(best.majmin) or blocks.sources.get(best.source))
-            if label:
-                holders.append(Holder("swap", label, f"holds the active swap file {printable(swap.path)}",
-                                      "critical"))
-            continue
-        name = swap.path.rsplit("/", 1)[-1]
-        majmin = majmin_of(class_block / name / "dev") if name not in ("", ".", "..") else ""
-        if label := blocks.dev.get(majmin) if majmin else blocks.sources.get(swap.path):
-            holders.append(Holder("swap", label, "is active swap", "critical"))
-    return holders
+    return sorted(e for e in entries
+                  if e.startswith(disk) and (class_block / disk / e / "partition").exists())
 
 
-def _stack_kind(path: Path) -> str:
-    if dm_name := read_attr(path / "dm" / "name"):
-        return f" (device-mapper {printable(dm_name)})"
-    if level := read_attr(path / "md" / "level"):
-        return f" (md {printable(level)})"
-    return ""
+def _index(class_block: Path, blocks: Blocks, name: str) -> None:
+    majmin = blocks.own.get(name) or majmin_of(class_block / name / "dev")
+    blocks.majmin[name] = majmin
+    if majmin:
+        blocks.dev.setdefault(majmin, name)
+    blocks.sources.setdefault(f"/dev/{name}", name)
+    if dm_name := read_attr(class_block / name / "dm" / "name"):
+        blocks.sources.setdefault(f"/dev/mapper/{dm_name}", name)
 
 
-def _mount_holder(label: str, mountpoint: str) -> Holder:
-    from vfio_libvirt.holders import Holder
-
-    where = printable(mountpoint)
-    if mountpoint == "/":
-        return Holder("mount", label, "is mounted at / (root filesystem)", "critical")
-    if mountpoint in CRITICAL_MOUNTS or mountpoint.startswith("/boot/"):
-        return Holder("mount", label, f"is mounted at {where}", "critical")
-    return Holder("mount", label, f"is mounted at {where}", "in_use")
-
-
-def _under(path: str, mountpoint: str) -> bool:
-    return mountpoint in ("/", path) or path.startswith(mountpoint.rstrip("/") + "/")
+def stack_detail(class_block: Path, name: str, stack: Stack) -> str:
+    """`is stacked on nvme0n1p3 (device-mapper vg-usr)`, `is a partition of md126`."""
+    if stack.how == "partition":
+        return f"is a partition of {printable(stack.lower)}"
+    if stack.how:
+        return f"is stacked on {printable(stack.lower)} ({printable(stack.how)})"
+    if dm_name := read_attr(class_block / name / "dm" / "name"):
+        kind = f" (device-mapper {printable(dm_name)})"
+    elif level := read_attr(class_block / name / "md" / "level"):
+        kind = f" (md {printable(level)})"
+    else:
+        kind = ""
+    return f"is stacked on {printable(stack.lower)}{kind}"

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 _OCTAL = re.compile(r"\\([0-7]{3})")
-_MAJMIN = re.compile(r"\d+:\d+")
+_MAJMIN = re.compile(r"[0-9]+:[0-9]+")
 _RESOURCE = re.compile(
     rb"/([0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7])/(resource\d+(?:_wc)?)$", re.MULTILINE)
 _READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC
@@ -45,6 +45,8 @@ class Mount:
     mountpoint: str
     source: str
     fstype: str
+    options: str = ""
+    """The super options (`rw,lowerdir=…,upperdir=…` of an overlay), still escaped."""
 
 
 @dataclass(frozen=True)
@@ -82,8 +84,55 @@ def parse_mountinfo(text: str) -> list[Mount]:
             continue
         if len(fields) < sep + 3 or not _MAJMIN.fullmatch(fields[2]):
             continue
-        mounts.append(Mount(fields[2], unescape(fields[4]), unescape(fields[sep + 2]), fields[sep + 1]))
+        options = fields[sep + 3] if len(fields) > sep + 3 else ""
+        mounts.append(Mount(fields[2], unescape(fields[4]), unescape(fields[sep + 2]), fields[sep + 1],
+                            options))
     return mounts
+
+
+def mount_at(path: str, mounts: list[Mount]) -> Mount | None:
+    """The mount a path lies on: the longest mount point above it, the last one listed
+    when several share it (a mount over a mount hides the one below)."""
+    best: Mount | None = None
+    for mount in mounts:
+        if under(path, mount.mountpoint) and (
+                best is None or len(mount.mountpoint) >= len(best.mountpoint)):
+            best = mount
+    return best
+
+
+def under(path: str, mountpoint: str) -> bool:
+    return mountpoint in ("/", path) or path.startswith(mountpoint.rstrip("/") + "/")
+
+
+def resolve_under(root: Path, path: str, limit: int = 40) -> str:
+    """`path` with its symlinks resolved as if `root` were `/` (an absolute link target
+    stays inside the root), e.g. `/dev/disk/by-uuid/…` → `/dev/nvme0n1p2`; the path as
+    given when it is not absolute or links loop."""
+    if not path.startswith("/"):
+        return path
+    parts = path.split("/")
+    done: list[str] = []
+    hops = 0
+    while parts:
+        part = parts.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            done = done[:-1]
+            continue
+        try:
+            target = os.readlink(root.joinpath(*done, part))
+        except (OSError, ValueError):
+            done.append(part)  # not a link, or absent: taken as it is
+            continue
+        hops += 1
+        if hops > limit:
+            return path
+        if target.startswith("/"):
+            done = []
+        parts = target.split("/") + parts
+    return "/" + "/".join(done)
 
 
 def read_swaps(proc: Path) -> tuple[list[Swap], str | None]:
