@@ -36,6 +36,7 @@ from typing import Literal
 
 from vfio_libvirt.errors import InputError
 from vfio_libvirt.holders_block import Blocks, find_blocks, multipath_heads, read_loops
+from vfio_libvirt.holders_claim import claim_holders, probe_all
 from vfio_libvirt.holders_display import FB, display_holders, firmware_framebuffers
 from vfio_libvirt.holders_mounts import MountFacts, mount_holders
 from vfio_libvirt.holders_net import IpState, interface_holders
@@ -107,7 +108,8 @@ class HolderReader:
     """Reads what holds PCI devices; one instance per plan, so host-wide facts are read once."""
 
     def __init__(self, root: Path, ip: Sequence[str] = ("ip",)) -> None:
-        """`root` is `$VFIO_LIBVIRT_SYSFS_ROOT`: sysfs at root/sys, procfs at root/proc."""
+        """`root` is `$VFIO_LIBVIRT_SYSFS_ROOT`: sysfs at root/sys, procfs at root/proc,
+        device nodes at root/dev."""
         self.root = Path(root)
         self.sysfs = Sysfs(self.root)
         self.sys = self.sysfs.sys
@@ -218,9 +220,11 @@ class HolderReader:
                            loops=self._loops, on=self._mount_facts.on)
 
     def _block_holders(self, blocks: Blocks) -> list[Holder]:
-        """Stacks, mounts and swap on the device's block devices."""
-        holders, _ = mount_holders(self.sys / "class" / "block", blocks, self._mount_facts, self._swaps)
-        return holders
+        """Stacks, mounts, swap, and kernel claims that none of them explains."""
+        facts = self._mount_facts
+        holders, explained = mount_holders(self.sys / "class" / "block", blocks, facts, self._swaps)
+        answers = probe_all(self.root, blocks)
+        return holders + claim_holders(blocks, answers, explained, facts.unnamed_system_mounts)
 
     # --- character devices ---------------------------------------------------------
     def _char_nodes(self, bdf: str) -> dict[str, str]:

@@ -14,7 +14,8 @@ A mount is tied to a block device three ways:
 
 Critical mount points are `/`, `/usr`, `/var`, `/etc`, `/boot` and anything below
 `/boot/`: without /var go journald, libvirt's own state and dpkg.  The layers of an
-overlay root are critical too.
+overlay root are critical too.  What no block device explains (a ZFS dataset at /) is
+named in the claim probe's report (`holders_claim`), not refused on by itself.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ if TYPE_CHECKING:
 
 CRITICAL_MOUNTS = ("/", "/usr", "/var", "/etc", "/boot")
 """Mount points whose loss breaks the host itself (and anything below /boot/)."""
+_NOT_A_DISK = {"tmpfs", "ramfs", "rootfs", "overlay", "aufs", "nfs", "nfs4", "cifs", "smb3", "9p",
+               "virtiofs", "ceph", "glusterfs"}
 _LAYERS = {"upperdir": "upper", "lowerdir": "lower", "lowerdir+": "lower", "datadir+": "lower"}
 
 
@@ -135,6 +138,19 @@ class MountFacts:
                     if directory.startswith("/") and (mount := mount_at(directory, others)):
                         layers.append((what, mount))
         return layers
+
+    @cached_property
+    def unnamed_system_mounts(self) -> str:
+        """`; / is mounted from rpool/ROOT/pve-1 (zfs)`: system mounts on an anonymous
+        device whose source is no device path — a pool or volume some disk serves
+        without this reader being able to say which."""
+        _, _, btrfs = self._btrfs
+        said = [f"; {printable(m.mountpoint)} is mounted from {printable(m.source)} ({printable(m.fstype)})"
+                for m in self.mounts
+                if critical_mount(m.mountpoint) and m.majmin.startswith("0:")
+                and not m.source.startswith("/dev/") and m.fstype not in _NOT_A_DISK
+                and not m.fstype.startswith("fuse") and m.majmin not in btrfs]
+        return "".join(dict.fromkeys(said))
 
 
 def mount_holders(class_block: Path, blocks: Blocks, facts: MountFacts,

@@ -1,9 +1,14 @@
 """The holder reader against a hostile review, block devices: false negatives (a disk
 the host needs read as free), each reproduced on the simulated host.  Networks, the
-console and odd content are in test_holders_review_net.py."""
+console and odd content are in test_holders_review_net.py.
+
+Kernel claims are simulated by `SimHost.open_node`, patched over the reader's one real
+`os.open` (`holders_claim.open_node`): a node made `busy=True` answers an exclusive
+open with EBUSY, every other path is opened for real."""
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -11,6 +16,7 @@ import pytest
 
 from tests.support.simhost import NVME, VIRTIO_NET, SimHost
 from tests.support.simkernel import SimKernel
+from vfio_libvirt import holders_claim
 from vfio_libvirt.holders import DeviceHolders, HolderReader
 from vfio_libvirt.pci import PciAddress
 
@@ -19,16 +25,19 @@ DISK2 = "0000:04:00.0"
 NIC = "0000:00:03.0"
 GPU2 = "0000:02:00.0"
 GPU_ALIAS = "pci:v000010DEd00002204sv00001458sd00004043bc03sc00i00"
+CLAIMED = "is claimed by the kernel (a mount, pool or array this reader cannot name"
 
 
 @pytest.fixture
-def host() -> SimHost:
+def host(monkeypatch) -> SimHost:
     kernel = SimKernel(Path(os.environ["VFIO_LIBVIRT_SYSFS_ROOT"]))
     kernel.add_device(DISK, NVME, group="3", pci_class=0x010802, driver="nvme")
     kernel.add_device(DISK2, NVME, group="6", pci_class=0x010802, driver="nvme")
     kernel.add_device(NIC, VIRTIO_NET, group="4", driver="virtio-pci")
     kernel.add_device(GPU2, GPU_ALIAS, group="2", pci_class=0x030000, driver="nouveau")
-    return SimHost(kernel)
+    sim = SimHost(kernel)
+    monkeypatch.setattr(holders_claim, "open_node", sim.open_node)
+    return sim
 
 
 def read(host: SimHost, bdf: str, reader: HolderReader | None = None) -> DeviceHolders:
@@ -38,6 +47,96 @@ def read(host: SimHost, bdf: str, reader: HolderReader | None = None) -> DeviceH
 
 def lines(found: DeviceHolders) -> list[tuple[str, str, str]]:
     return [(h.severity, h.kind, str(h)) for h in found.holders]
+
+
+def zfs_root(host: SimHost) -> None:
+    """Proxmox on ZFS: / is a dataset, mountinfo names no block device at all."""
+    with host.mountinfo.open("a") as out:
+        out.write("30 1 0:45 / / rw,relatime shared:1 - zfs rpool/ROOT/pve-1 rw,xattr,noacl\n")
+
+
+# --- 1. the claim probe ------------------------------------------------------------------
+def test_a_zfs_pool_member_is_critical_through_the_claim_probe(host):
+    host.nvme(DISK, partitions=("nvme0n1p1", "nvme0n1p2"))
+    zfs_root(host)
+    host.dev_node("nvme0n1", busy=True)  # a claimed partition makes the whole disk busy too
+    host.dev_node("nvme0n1p1")
+    host.dev_node("nvme0n1p2", busy=True)
+    found = read(host, DISK)
+    assert found.verdict == "critical"
+    (unknown,) = found.holders
+    assert (unknown.severity, unknown.kind, unknown.name) == ("critical", "unknown", "nvme0n1p2")
+    assert unknown.detail.startswith(CLAIMED)
+    assert "/ is mounted from rpool/ROOT/pve-1 (zfs)" in unknown.detail
+
+
+def test_an_anonymous_root_without_dev_nodes_makes_nothing_critical(host):
+    """The probe cannot run without /dev: the dataset alone names no device to refuse."""
+    host.nvme(DISK, partitions=("nvme0n1p1", "nvme0n1p2"))
+    zfs_root(host)
+    assert read(host, DISK).verdict == "free"
+
+
+def test_claims_a_mount_or_a_stack_explains_add_nothing(host):
+    host.nvme(DISK, partitions=("nvme0n1p1", "nvme0n1p2", "nvme0n1p3"))
+    host.stack("dm-0", ["nvme0n1p3"], dm_name="vg-usr")
+    host.mount("nvme0n1p2", "/")
+    host.mount("dm-0", "/usr")
+    for name in ("nvme0n1", "nvme0n1p2", "nvme0n1p3", "dm-0"):
+        host.dev_node(name, busy=True)
+    host.dev_node("nvme0n1p1")
+    assert [h.kind for h in read(host, DISK).holders] == ["mount", "mount", "stack"]
+
+
+def test_a_claimed_stacked_device_is_named_with_what_it_is_on(host):
+    host.nvme(DISK, partitions=("nvme0n1p3",))
+    host.stack("dm-1", ["nvme0n1p3"], dm_name="crypt-pool")  # a pool on dm-crypt
+    for name in ("nvme0n1", "nvme0n1p3", "dm-1"):
+        host.dev_node(name, busy=True)
+    found = read(host, DISK)
+    assert [(h.severity, h.kind, h.name) for h in found.critical] == [
+        ("critical", "unknown", "dm-1 (on nvme0n1p3)")]
+    assert found.critical[0].detail.startswith(CLAIMED)
+
+
+def test_a_claimed_whole_disk_without_partitions_is_critical(host):
+    host.nvme(DISK)
+    host.dev_node("nvme0n1", busy=True)  # e.g. a whole-disk md member, bcache, a zpool
+    assert [(h.kind, h.name) for h in read(host, DISK).critical] == [("unknown", "nvme0n1")]
+
+
+def test_the_probe_opens_exclusively_read_only_and_closes(host, monkeypatch):
+    host.nvme(DISK, partitions=("nvme0n1p1",))
+    host.dev_node("nvme0n1")
+    host.dev_link("/dev/nvme0n1p1", "nvme0n1")  # not the partition's node: never followed
+    opened, closed = [], []
+    real_close = os.close
+
+    def spy(path, flags, mode=0o777):
+        fd = host.open_node(path, flags, mode)
+        opened.append((Path(path).name, flags))
+        return fd
+
+    monkeypatch.setattr(holders_claim, "open_node", spy)
+    monkeypatch.setattr(holders_claim.os, "close", lambda fd: closed.append(fd) or real_close(fd))
+    assert read(host, DISK).holders == ()
+    flags = os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW
+    assert opened == [("nvme0n1", flags)]
+    assert len(closed) >= 1
+
+
+def test_a_node_we_may_not_open_is_an_in_use_unknown(host, monkeypatch):
+    host.nvme(DISK, partitions=("nvme0n1p1",))
+    host.dev_node("nvme0n1")
+    host.dev_node("nvme0n1p1")
+
+    def denied(path, flags, mode=0o777):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(holders_claim, "open_node", denied)
+    assert lines(read(host, DISK)) == [(
+        "in_use", "unknown", "nvme0n1, nvme0n1p1 cannot be probed for kernel claims "
+        "(permission denied; run as root to see all)")]
 
 
 # --- 2. multi-device btrfs, symlink sources ------------------------------------------------
