@@ -5,23 +5,29 @@ read with EIO, an interface vanishes with its routes, an SR-IOV PF destroys all 
 (design §5).  `HolderReader.read` tells, for one PCI device, everything that would break,
 as `Holder`s with a severity the guard acts on:
 
-- critical: the host itself breaks (root, /usr or /boot mounted, active swap, the
-  default route, the framebuffer console, live VFs) — or the reader could not decide
-  (kind "unknown"), because a guard that cannot tell must refuse;
-- in_use: something is using it (another mount, an address, a bridge or bond, a
-  process with its nodes open or its BARs mapped);
+- critical: the host itself breaks (/, /usr, /var, /etc or /boot mounted, an overlay
+  root's layer, active swap, a default route in any routing table, the framebuffer
+  console, live VFs) — or the reader could not decide (kind "unknown": mountinfo
+  unreadable, a block device the kernel says is claimed by something unnamed), because
+  a guard that cannot tell must refuse;
+- in_use: something is using it (another mount, also in another mount namespace, an
+  address, a bridge or bond, a secondary framebuffer, a process with its nodes open or
+  its BARs mapped);
 - info: worth saying, changes nothing (an interface that is down, the boot VGA device,
   each VF's driver).
 
-It only reads: sysfs at `root/sys`, procfs at `root/proc`, and iproute2's JSON (see
-`holders_net`).  Devices below the PCI device are found through `/sys/class/block`,
-`/sys/class/net` and `/sys/dev/char`, whose links name each device's full path, so
+It only reads: sysfs at `root/sys`, procfs at `root/proc`, iproute2's JSON (see
+`holders_net`), and the exclusive read-only open of its block devices' nodes under
+`root/dev` that asks the kernel whether they are claimed (see `holders_claim`).
+Devices below the PCI device are found through `/sys/class/block`, `/sys/class/net`
+and `/sys/dev/char`, whose links name each device's full path, so
 NVMe namespaces, virtio disks and netdevs one level down, disks behind an HBA or a USB
 controller are all found without walking the device's (large) sysfs subtree; anything
 below a nested PCI device (behind a bridge) belongs to that device, not this one.
 One reader caches everything host-wide, so the devices of one plan pay for it once.
-Block devices are read in `holders_block`, networks in `holders_net`, procfs and the
-small sysfs primitives in `holders_scan`.
+Block devices are found in `holders_block`, their mounts and swap judged in
+`holders_mounts`, probed in `holders_claim`; networks are read in `holders_net`, the
+console in `holders_display`, procfs and the small sysfs primitives in `holders_scan`.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from typing import Literal
 
 from vfio_libvirt.errors import InputError
 from vfio_libvirt.holders_block import Blocks, find_blocks, multipath_heads, read_loops
-from vfio_libvirt.holders_claim import claim_holders, probe_all
+from vfio_libvirt.holders_claim import claim_holders, probe_all, unexplained
 from vfio_libvirt.holders_display import FB, display_holders, firmware_framebuffers
 from vfio_libvirt.holders_mounts import MountFacts, mount_holders
 from vfio_libvirt.holders_net import IpState, interface_holders
@@ -50,6 +56,7 @@ from vfio_libvirt.holders_scan import (
     read_attr,
     read_links,
     read_mounts,
+    read_namespace_mounts,
     read_swaps,
     reason,
 )
@@ -178,6 +185,21 @@ class HolderReader:
         return MountFacts(self.root, self.sys, self._mounts)
 
     @cached_property
+    def _namespace_mounts(self) -> list[tuple[str, list[Mount]]]:
+        """(`pid (comm)`, its mounts) for each mount namespace other than the host's
+        (pid 1's, else our own), one process each."""
+        host = None
+        if not self._mounts[1]:
+            for pid in ("1", "self"):
+                try:
+                    host = os.readlink(self.proc / pid / "ns" / "mnt")
+                    break
+                except OSError:
+                    continue
+        found = read_namespace_mounts(self.proc, self._processes.namespaces(), host)
+        return [(process_name(self.proc, pid) or str(pid), mounts) for pid, mounts in found]
+
+    @cached_property
     def _firmware_fbs(self) -> dict[str, tuple[str, str]]:
         return firmware_framebuffers(self.sys, self._links("class/graphics"))
 
@@ -220,10 +242,18 @@ class HolderReader:
                            loops=self._loops, on=self._mount_facts.on)
 
     def _block_holders(self, blocks: Blocks) -> list[Holder]:
-        """Stacks, mounts, swap, and kernel claims that none of them explains."""
-        facts = self._mount_facts
-        holders, explained = mount_holders(self.sys / "class" / "block", blocks, facts, self._swaps)
+        """Stacks, mounts, swap, and kernel claims that none of them explains.
+
+        Other mount namespaces are read only when the host's own holders leave some
+        device claimed or unprobed: a mount claims its device, so a device the probe
+        finds free is mounted nowhere, and one a host mount explains needs no more.
+        This spares the readlink of every process's `ns/mnt` for most devices."""
+        facts, class_block = self._mount_facts, self.sys / "class" / "block"
+        holders, explained = mount_holders(class_block, blocks, facts, [], self._swaps)
         answers = probe_all(self.root, blocks)
+        if unexplained(blocks, answers, explained) and self._namespace_mounts:
+            holders, explained = mount_holders(class_block, blocks, facts, self._namespace_mounts,
+                                               self._swaps)
         return holders + claim_holders(blocks, answers, explained, facts.unnamed_system_mounts)
 
     # --- character devices ---------------------------------------------------------

@@ -14,8 +14,10 @@ A mount is tied to a block device three ways:
 
 Critical mount points are `/`, `/usr`, `/var`, `/etc`, `/boot` and anything below
 `/boot/`: without /var go journald, libvirt's own state and dpkg.  The layers of an
-overlay root are critical too.  What no block device explains (a ZFS dataset at /) is
-named in the claim probe's report (`holders_claim`), not refused on by itself.
+overlay root are critical too.  Mounts that exist only in another mount namespace (a
+container's, a service's PrivateMounts) are in use — never critical, even at that
+namespace's `/`: it is not this host's root.  What no block device explains (a ZFS
+dataset at /) is named in the claim probe's report (`holders_claim`), not refused on.
 """
 
 from __future__ import annotations
@@ -154,9 +156,10 @@ class MountFacts:
 
 
 def mount_holders(class_block: Path, blocks: Blocks, facts: MountFacts,
+                  namespaces: list[tuple[str, list[Mount]]],
                   swaps: tuple[list[Swap], str | None]) -> tuple[list[Holder], set[str]]:
-    """Stacks, mounts (the host's, an overlay root's layers) and swap on the device's
-    block devices, and the names whose kernel claim they explain; "unknown"
+    """Stacks, mounts (the host's, an overlay root's layers, other namespaces') and swap on
+    the device's block devices, and the names whose kernel claim they explain; "unknown"
     where mountinfo, swaps or a `dev` file cannot be read, since then a root filesystem
     could hide."""
     from vfio_libvirt.holders import Holder
@@ -183,6 +186,11 @@ def mount_holders(class_block: Path, blocks: Blocks, facts: MountFacts,
         found(facts.names(mount, blocks), *_mount_detail(mount.mountpoint))
     for what, mount in facts.overlay_layers:
         found(facts.names(mount, blocks), f"holds the overlay root's {what} dir", "critical")
+    host = {m.majmin for m in facts.mounts}
+    for owner, mounts in namespaces:
+        for mount in mounts:
+            if mount.majmin not in host:  # a copy of the host's mount is said once, above
+                found(facts.names(mount, blocks), _namespace_detail(mount.mountpoint, owner), "in_use")
     swap_list, error = swaps
     if error:
         holders.append(Holder("unknown", disks, f"cannot be checked for swap: {error}", "critical"))
@@ -204,3 +212,12 @@ def _mount_detail(mountpoint: str) -> tuple[str, Severity]:
     if mountpoint == "/":
         return "is mounted at / (root filesystem)", "critical"
     return f"is mounted at {where}", "critical" if critical_mount(mountpoint) else "in_use"
+
+
+def _namespace_detail(mountpoint: str, owner: str) -> str:
+    where = printable(mountpoint)
+    if critical_mount(mountpoint):
+        whose = "root" if mountpoint == "/" else where
+        return (f"is mounted at {where} (in the mount namespace of {owner}, whose {whose} it is; "
+                "not this host's)")
+    return f"is mounted at {where} (in the mount namespace of {owner})"

@@ -135,6 +135,25 @@ def resolve_under(root: Path, path: str, limit: int = 40) -> str:
     return "/" + "/".join(done)
 
 
+def read_namespace_mounts(proc: Path, namespaces: dict[str, list[int]],
+                          host: str | None) -> list[tuple[int, list[Mount]]]:
+    """The mounts of every mount namespace but the host's, each read from its first
+    process (by pid) whose mountinfo can still be read: all of a namespace's processes
+    see the same mounts, so one read per namespace is enough."""
+    found = []
+    for ns in sorted(namespaces):
+        if ns == host:
+            continue
+        for pid in sorted(namespaces[ns]):
+            try:
+                text = (proc / str(pid) / "mountinfo").read_bytes().decode(errors="replace")
+            except OSError:
+                continue  # exited, or not ours to read: the next one says it
+            found.append((pid, parse_mountinfo(text)))
+            break
+    return found
+
+
 def read_swaps(proc: Path) -> tuple[list[Swap], str | None]:
     """Active swap areas from /proc/swaps (`Filename Type Size Used Priority`)."""
     path = proc / "swaps"
@@ -158,6 +177,9 @@ class ProcessScan:
     device has nodes to look for (a plain NIC on its host driver has none), and reading
     every fd link is the dear part.  When a device with nodes comes first, one pass does
     both; a later pass for fds visits only the processes the first found to be userspace.
+    The mount namespace of each userspace process (one readlink of `ns/mnt`) is read in
+    the same pass when a device has block devices: a mount may exist only in a
+    container's or a service's namespace.
     """
 
     def __init__(self, proc: Path) -> None:
@@ -168,43 +190,71 @@ class ProcessScan:
         """Processes whose files we may not read (not running as root)."""
         self._resources: dict[str, dict[int, set[str]]] | None = None
         self._nodes: dict[str, set[int]] | None = None
+        self._namespaces: dict[str, list[int]] | None = None
         self._user_pids: list[int] = []
 
     def resources(self) -> dict[str, dict[int, set[str]]]:
         """BDF → pid → the device's resource files it maps (`resource0`, `resource2_wc`)."""
         if self._resources is None:
-            self._scan(fds=False)
+            self._scan(fds=False, ns=False)
         return self._resources or {}
 
     def nodes(self) -> dict[str, set[int]]:
         """/dev path, as readlink shows an open fd → pids."""
         if self._nodes is None:
-            self._scan(fds=True)
+            self._scan(fds=True, ns=False)
         return self._nodes or {}
 
-    def _scan(self, fds: bool) -> None:
-        base = str(self.proc)
-        if self._resources is not None:  # maps are read: only userspace fds remain
+    def namespaces(self) -> dict[str, list[int]]:
+        """Mount namespace (`mnt:[4026531841]`) → the userspace pids in it.  Open files
+        are indexed in the same pass: whoever asks has block devices, hence nodes."""
+        if self._namespaces is None:
+            self._scan(fds=True, ns=True)
+        return self._namespaces or {}
+
+    def _scan(self, fds: bool, ns: bool) -> None:
+        fds, ns = fds and self._nodes is None, ns and self._namespaces is None
+        if fds:
             self._nodes = {}
+        if ns:
+            self._namespaces = {}
+        base = str(self.proc)
+        if self._resources is not None:  # maps are read: only userspace remains
             for pid in self._user_pids:
-                self._scan_fds(f"{base}/{pid}", pid)
+                self._scan_user(f"{base}/{pid}", pid, fds, ns)
             return
         try:
             names = os.listdir(self.proc)
         except OSError as err:
             self.error = f"{self.proc}: {reason(err)}"
-            self._resources, self._nodes = {}, {}
+            self._resources, self._nodes, self._namespaces = {}, {}, {}
             return
         self._resources = {}
-        if fds:
-            self._nodes = {}
         for name in names:
             if name.isdigit() and name.isascii():
                 pid = int(name)
                 if self._scan_maps(f"{base}/{name}", pid):
                     self._user_pids.append(pid)
-                    if fds:
-                        self._scan_fds(f"{base}/{name}", pid)
+                    self._scan_user(f"{base}/{name}", pid, fds, ns)
+
+    def _scan_user(self, pid_dir: str, pid: int, fds: bool, ns: bool) -> None:
+        if fds:
+            self._scan_fds(pid_dir, pid, ns)
+        elif ns:
+            self._note_namespace(pid, f"{pid_dir}/ns/mnt", None)
+
+    def _note_namespace(self, pid: int, link: str, dir_fd: int | None) -> None:
+        """Index the process by its mount namespace (the `ns/mnt` link's target)."""
+        try:
+            mnt = os.readlink(link, dir_fd=dir_fd)
+        except OSError:
+            return  # exited, or not ours to inspect (counted by the maps already)
+        if self._namespaces is not None:
+            pids = self._namespaces.get(mnt)
+            if pids is None:
+                self._namespaces[mnt] = [pid]
+            else:
+                pids.append(pid)
 
     def _scan_maps(self, pid_dir: str, pid: int) -> bool:
         """Index the process's resource mappings; False for a kernel thread (no memory map)."""
@@ -229,7 +279,9 @@ class ProcessScan:
                     resource.decode())
         return True
 
-    def _scan_fds(self, pid_dir: str, pid: int) -> None:
+    def _scan_fds(self, pid_dir: str, pid: int, ns: bool) -> None:
+        """Index the process's open /dev nodes; and its namespace (`ns`), read relative to
+        the open fd directory, which costs a third of a walk from /proc."""
         try:
             dir_fd = os.open(f"{pid_dir}/fd", _DIR_FLAGS)
         except PermissionError:
@@ -250,6 +302,8 @@ class ProcessScan:
                         nodes[target] = {pid}
                     else:
                         holders.add(pid)
+            if ns:
+                self._note_namespace(pid, "../ns/mnt", dir_fd)
         except OSError:
             pass  # the directory went away under us
         finally:

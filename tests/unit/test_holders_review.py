@@ -16,7 +16,7 @@ import pytest
 
 from tests.support.simhost import NVME, VIRTIO_NET, SimHost
 from tests.support.simkernel import SimKernel
-from vfio_libvirt import holders_claim
+from vfio_libvirt import holders_claim, holders_scan
 from vfio_libvirt.holders import DeviceHolders, HolderReader
 from vfio_libvirt.pci import PciAddress
 
@@ -244,6 +244,73 @@ def test_var_and_etc_are_critical(host, mountpoint, severity):
     host.nvme(DISK, partitions=("nvme0n1p1",))
     host.mount("nvme0n1p1", mountpoint)
     assert lines(read(host, DISK)) == [(severity, "mount", f"nvme0n1p1 is mounted at {mountpoint}")]
+
+
+# --- 10. other mount namespaces -----------------------------------------------------------------
+def test_a_mount_only_in_a_services_private_namespace(host):
+    host.nvme(DISK, partitions=("nvme0n1p1", "nvme0n1p2"))
+    host.mount("nvme0n1p2", "/srv")
+    host.process(555, "postgres", mnt_ns="mnt:[4026532999]")
+    host.process(556, "postgres", mnt_ns="mnt:[4026532999]")
+    host.mount("nvme0n1p2", "/srv", pid=555)  # the host's mount, copied: said once
+    host.mount("nvme0n1p1", "/var/lib/postgresql", pid=555)
+    assert lines(read(host, DISK)) == [
+        ("in_use", "mount", "nvme0n1p2 is mounted at /srv"),
+        ("in_use", "mount", "nvme0n1p1 is mounted at /var/lib/postgresql "
+         "(in the mount namespace of 555 (postgres))"),
+    ]
+
+
+def test_a_containers_root_is_in_use_not_critical(host, monkeypatch):
+    host.nvme(DISK, partitions=("nvme0n1p1",))
+    host.process(700, "init", mnt_ns="mnt:[4026533000]")
+    host.process(701, "sshd", mnt_ns="mnt:[4026533000]")
+    host.process(702, "nginx", mnt_ns="mnt:[4026533001]")
+    host.mount("nvme0n1p1", "/", pid=701)
+    (host.proc / "700" / "mountinfo").mkdir()  # exited meanwhile: the next process says it
+    reads = []
+    parse = holders_scan.parse_mountinfo
+    monkeypatch.setattr(holders_scan, "parse_mountinfo", lambda text: reads.append(1) or parse(text))
+    assert lines(read(host, DISK)) == [(
+        "in_use", "mount", "nvme0n1p1 is mounted at / (in the mount namespace of 701 (sshd), "
+        "whose root it is; not this host's)")]
+    assert len(reads) == 2  # the host's and one per other namespace (nginx has no mountinfo)
+
+
+def test_namespaces_read_in_a_second_pass_after_a_gpu_came_first(host):
+    host.drm(GPU2)
+    host.nvme(DISK, partitions=("nvme0n1p1",))
+    host.process(555, "postgres", mnt_ns="mnt:[4026532999]")
+    host.mount("nvme0n1p1", "/srv/pg", pid=555)
+    reader = HolderReader(host.root, host.ip_command())
+    assert read(host, GPU2, reader).holders == ()  # open files indexed, namespaces not
+    assert lines(read(host, DISK, reader)) == [
+        ("in_use", "mount", "nvme0n1p1 is mounted at /srv/pg (in the mount namespace of 555 (postgres))")]
+
+
+def test_a_claim_a_namespaces_mount_explains_is_not_critical(host):
+    host.nvme(DISK, partitions=("nvme0n1p1",))
+    host.process(555, "postgres", mnt_ns="mnt:[4026532999]")
+    host.mount("nvme0n1p1", "/var/lib/postgresql", pid=555)
+    host.dev_node("nvme0n1", busy=True)
+    host.dev_node("nvme0n1p1", busy=True)
+    assert lines(read(host, DISK)) == [(
+        "in_use", "mount", "nvme0n1p1 is mounted at /var/lib/postgresql "
+        "(in the mount namespace of 555 (postgres))")]
+
+
+def test_namespaces_are_not_read_when_the_probe_finds_every_device_free(host, monkeypatch):
+    """A mount claims its device: a device free to an exclusive open is mounted nowhere."""
+    host.nvme(DISK, partitions=("nvme0n1p1",))
+    host.dev_node("nvme0n1")
+    host.dev_node("nvme0n1p1")
+    host.process(555, "postgres", mnt_ns="mnt:[4026532999]")
+    asked = []
+    namespaces = holders_scan.ProcessScan.namespaces
+    monkeypatch.setattr(holders_scan.ProcessScan, "namespaces",
+                        lambda scan: asked.append(1) or namespaces(scan))
+    assert read(host, DISK).holders == ()
+    assert asked == []
 
 
 # --- 11. an overlay root ----------------------------------------------------------------------
