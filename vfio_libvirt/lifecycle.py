@@ -14,6 +14,7 @@ import logging
 import time
 from dataclasses import replace
 
+from vfio_libvirt import engine
 from vfio_libvirt.apply import describe
 from vfio_libvirt.domain import Domain
 from vfio_libvirt.errors import OperationError
@@ -56,34 +57,43 @@ def prepare(host: Host, domain: Domain) -> Plan:
 
 def _prepare(host: Host, domain: Domain, deadline: float) -> Plan:
     plan, claimed, before = _plan_and_claim(host, domain, deadline)
-    switched: list[Step] = []
-    for step in plan.steps:
-        if step.action != "bind":
-            continue
+    host.switcher  # noqa: B018 -- built once, before the group workers share it
+
+    def switch(step: Step) -> None:
         entry = claimed[str(step.address)]
         try:
-            switched.append(step)
             entry.target_driver = host.switcher.driver_for_module(step.module or "")
             if not _journal_status(host, entry, "switching"):
                 raise OperationError("its journal entry was removed while the domain was starting")
             host.switcher.bind(step.address, entry.target_driver, _left(deadline))
         except Exception as err:
-            cause = describe(err)
-            log.error("%s %s: bind to %s failed: %s", domain.name, step.address, step.module, cause)
-            undone = _rollback(host, domain.name, claimed, before, switched)
-            raise OperationError(
-                f"{step.address}: cannot bind {step.module}: {cause}; rolled back {undone} device(s)"
-            ) from None
+            log.error("%s %s: bind to %s failed: %s", domain.name, step.address, step.module, describe(err))
+            raise
         if not _journal_status(host, entry, "bound"):
             log.error("%s %s: bound, but its journal entry was removed meanwhile; recording it again",
                       domain.name, step.address)
             with host.journal.transaction() as entries:
                 entries[entry.address] = entry
         log.info("%s %s: bound to %s (%s)", domain.name, step.address, entry.target_driver, step.reason)
+
+    binds = [step for step in plan.steps if step.action == "bind"]
+    outcomes = engine.by_group(binds, _group_of, switch)
+    if failed := [o for o in outcomes if o.error is not None]:
+        switched = [o.item for o in outcomes if o.attempted]
+        undone = _rollback(host, domain.name, claimed, before, switched)
+        step, cause = failed[0].item, describe(failed[0].error)  # type: ignore[arg-type]
+        more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+        raise OperationError(
+            f"{step.address}: cannot bind {step.module}: {cause}{more}; rolled back {undone} device(s)"
+        )
     for step in plan.steps:
         if step.action != "bind":
             log.info("%s %s: %s: %s", domain.name, step.address, step.action, step.reason)
     return plan
+
+
+def _group_of(step: Step) -> str:
+    return step.iommu_group or str(step.address)  # no IOMMU group: a group of its own
 
 
 def preview(host: Host, domain: Domain) -> Plan:
@@ -216,12 +226,15 @@ def _rollback(
     switched: list[Step],
 ) -> int:
     """Undo this run and nothing else: devices back to how it found them, entries too."""
-    undone = 0
     deadline = time.monotonic() + host.config.restore_timeout
-    for step in reversed(switched):
+    undone: list[Step] = []
+
+    def undo(step: Step) -> None:
         entry = claimed[str(step.address)]
         if _restore_entry(host, entry, step.original_driver, step.original_override, deadline):
-            undone += 1
+            undone.append(step)
+
+    engine.by_group(list(reversed(switched)), _group_of, undo)
     with host.journal.transaction() as entries:
         for key in claimed:
             current = entries.get(key)
@@ -231,7 +244,7 @@ def _rollback(
                 del entries[key]
             else:
                 entries[key] = older
-    return undone
+    return len(undone)
 
 
 # --- release and restore ---------------------------------------------------------------
@@ -246,14 +259,23 @@ def release(host: Host, domain_name: str) -> list[str]:
     with host.domain_locks.hold(domain_name, host.config.restore_timeout):
         snapshot = host.journal.read()
         failures = [f"journal: {problem}" for problem in snapshot.problems]
-        for entry in snapshot.for_domain(domain_name):
+        entries = snapshot.for_domain(domain_name)
+
+        def give_back(entry: Entry) -> None:
             if entry.role != "keep" and not _restore_entry(
                 host, entry, entry.original_driver, entry.original_override, deadline
             ):
                 failures.append(f"{entry.address}: {entry.error}")
-                continue
+                return
             _forget(host, entry)
+
+        host.switcher  # noqa: B018 -- built once, before the group workers share it
+        engine.by_group(entries, lambda e: _entry_group(host, e), give_back)
     return failures
+
+
+def _entry_group(host: Host, entry: Entry) -> str:
+    return host.sysfs.iommu_group(PciAddress.parse(entry.address)) or entry.address
 
 
 def _forget(host: Host, entry: Entry) -> None:

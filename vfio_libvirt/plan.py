@@ -62,6 +62,8 @@ class Step:
     original_override: str | None = None
     companion: bool = False
     managed: bool = False
+    iommu_group: str | None = None
+    """Devices of one group switch in order; different groups switch side by side."""
     holders: tuple[str, ...] = ()
     """What the host uses the device for, one line each with its severity (for `plan`)."""
 
@@ -225,6 +227,7 @@ def _plan_device(hostdev: HostDev, state: DeviceState, ctx: Context) -> Step:
         "original_driver": state.driver,
         "original_override": state.driver_override,
         "managed": hostdev.managed,
+        "iommu_group": state.iommu_group,
     }
     if hostdev.managed:
         if hostdev.driver_model is not None:  # libvirt would bind it: the same rule applies
@@ -334,4 +337,5 @@ def _plan_companion(member: DeviceState, ctx: Context) -> Step:
         original_driver=member.driver,
         original_override=member.driver_override,
         companion=True,
+        iommu_group=member.iommu_group,
     )
