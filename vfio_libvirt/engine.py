@@ -16,8 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-MAX_WORKERS = 16
-"""Groups switched at once: enough for a large GPU server, few enough for a small host."""
+MAX_WORKERS = 32
+"""Groups switched at once: a large GPU server or a VM with dozens of VFs in one round;
+the workers mostly wait in the kernel, so even a small host carries them."""
 
 Item = TypeVar("Item")
 

@@ -57,26 +57,33 @@ def prepare(host: Host, domain: Domain) -> Plan:
 
 def _prepare(host: Host, domain: Domain, deadline: float) -> Plan:
     plan, claimed, before = _plan_and_claim(host, domain, deadline)
-    host.switcher  # noqa: B018 -- built once, before the group workers share it
+    binds = [step for step in plan.steps if step.action == "bind"]
+    drivers: dict[str, str] = {}
+    for step in binds:  # each module is loaded once, before any device is touched
+        module = step.module or ""
+        if module in drivers:
+            continue
+        try:
+            drivers[module] = host.switcher.driver_for_module(module)
+        except Exception as err:
+            log.error("%s %s: bind to %s failed: %s", domain.name, step.address, module, describe(err))
+            _rollback(host, domain.name, claimed, before, [])
+            raise OperationError(f"{step.address}: cannot bind {module}: {describe(err)}; "
+                                 "nothing was switched") from None
+    for step in binds:
+        claimed[str(step.address)].target_driver = drivers[step.module or ""]
+    # one journal write says every device may now be touched; the workers only write sysfs
+    _journal_statuses(host, [claimed[str(s.address)] for s in binds], "switching")
 
     def switch(step: Step) -> None:
-        entry = claimed[str(step.address)]
         try:
-            entry.target_driver = host.switcher.driver_for_module(step.module or "")
-            if not _journal_status(host, entry, "switching"):
-                raise OperationError("its journal entry was removed while the domain was starting")
-            host.switcher.bind(step.address, entry.target_driver, _left(deadline))
+            host.switcher.bind(step.address, drivers[step.module or ""], _left(deadline))
         except Exception as err:
             log.error("%s %s: bind to %s failed: %s", domain.name, step.address, step.module, describe(err))
             raise
-        if not _journal_status(host, entry, "bound"):
-            log.error("%s %s: bound, but its journal entry was removed meanwhile; recording it again",
-                      domain.name, step.address)
-            with host.journal.transaction() as entries:
-                entries[entry.address] = entry
-        log.info("%s %s: bound to %s (%s)", domain.name, step.address, entry.target_driver, step.reason)
+        log.info("%s %s: bound to %s (%s)", domain.name, step.address, drivers[step.module or ""],
+                 step.reason)
 
-    binds = [step for step in plan.steps if step.action == "bind"]
     outcomes = engine.by_group(binds, _group_of, switch)
     if failed := [o for o in outcomes if o.error is not None]:
         switched = [o.item for o in outcomes if o.attempted]
@@ -86,10 +93,28 @@ def _prepare(host: Host, domain: Domain, deadline: float) -> Plan:
         raise OperationError(
             f"{step.address}: cannot bind {step.module}: {cause}{more}; rolled back {undone} device(s)"
         )
+    _journal_statuses(host, [claimed[str(s.address)] for s in binds], "bound")
     for step in plan.steps:
         if step.action != "bind":
             log.info("%s %s: %s: %s", domain.name, step.address, step.action, step.reason)
     return plan
+
+
+def _journal_statuses(host: Host, entries: list[Entry], status: str) -> None:
+    """Record `status` for all `entries` in one write; each must still be this run's."""
+    if not entries:
+        return
+    for entry in entries:
+        entry.touch(status)  # type: ignore[arg-type]
+    with host.journal.transaction() as journal:
+        for entry in entries:
+            current = journal.get(entry.address)
+            if current is not None and current.domain != entry.domain:
+                raise OperationError(f"{entry.address}: its journal entry now belongs to {current.domain}")
+            if current is None:
+                log.error("%s %s: its journal entry was removed while the domain was starting; "
+                          "recording it again", entry.domain, entry.address)
+            journal[entry.address] = entry
 
 
 def _group_of(step: Step) -> str:
@@ -259,30 +284,49 @@ def release(host: Host, domain_name: str) -> list[str]:
     with host.domain_locks.hold(domain_name, host.config.restore_timeout):
         snapshot = host.journal.read()
         failures = [f"journal: {problem}" for problem in snapshot.problems]
-        entries = snapshot.for_domain(domain_name)
+        entries = _mark_restoring(host, [e for e in snapshot.for_domain(domain_name) if e.role != "keep"])
+        home = [e for e in snapshot.for_domain(domain_name) if e.role == "keep"]
 
         def give_back(entry: Entry) -> None:
-            if entry.role != "keep" and not _restore_entry(
-                host, entry, entry.original_driver, entry.original_override, deadline
-            ):
+            if _restore_entry(host, entry, entry.original_driver, entry.original_override, deadline,
+                              marked=True):
+                home.append(entry)
+            else:
                 failures.append(f"{entry.address}: {entry.error}")
-                return
-            _forget(host, entry)
 
         host.switcher  # noqa: B018 -- built once, before the group workers share it
         engine.by_group(entries, lambda e: _entry_group(host, e), give_back)
+        _forget(host, *home)  # one journal write for every device that went home
     return failures
+
+
+def _mark_restoring(host: Host, entries: list[Entry]) -> list[Entry]:
+    """Mark all `entries` restoring in one write; return those still this domain's."""
+    if not entries:
+        return []
+    mine = []
+    with host.journal.transaction() as journal:
+        for entry in entries:
+            current = journal.get(entry.address)
+            if current is not None and current.domain == entry.domain:
+                entry.touch("restoring")
+                journal[entry.address] = entry
+                mine.append(entry)
+    return mine
 
 
 def _entry_group(host: Host, entry: Entry) -> str:
     return host.sysfs.iommu_group(PciAddress.parse(entry.address)) or entry.address
 
 
-def _forget(host: Host, entry: Entry) -> None:
+def _forget(host: Host, *gone: Entry) -> None:
+    if not gone:
+        return
     with host.journal.transaction() as entries:
-        current = entries.get(entry.address)
-        if current is not None and current.domain == entry.domain:
-            del entries[entry.address]
+        for entry in gone:
+            current = entries.get(entry.address)
+            if current is not None and current.domain == entry.domain:
+                del entries[entry.address]
 
 
 def restore_device(host: Host, bdf: str) -> str:
@@ -333,9 +377,14 @@ def _restore_unjournaled(host: Host, address: PciAddress) -> str:
 
 
 def _restore_entry(
-    host: Host, entry: Entry, driver: str | None, override: str | None, deadline: float
+    host: Host, entry: Entry, driver: str | None, override: str | None, deadline: float,
+    *, marked: bool = False,
 ) -> bool:
-    """Send one device to `driver`; on failure keep it on its VFIO driver and record why."""
+    """Send one device to `driver`; on failure keep it on its VFIO driver and record why.
+
+    `marked`: the caller already recorded it as restoring (release does so for all its
+    devices in one journal write).
+    """
     address = PciAddress.parse(entry.address)
     if not host.sysfs.exists(address):
         log.warning("%s %s: device is gone; forgetting it", entry.domain, address)
@@ -346,7 +395,7 @@ def _restore_entry(
     if entry.role == "watch" and current != driver:
         log.warning("%s %s: libvirt left it on %s, not %s; restoring", entry.domain, address,
                     current or "no driver", driver or "no driver")
-    if not _journal_status(host, entry, "restoring"):
+    if not marked and not _journal_status(host, entry, "restoring"):
         return True  # someone else (a concurrent restore) finished it
     try:
         host.switcher.restore(address, driver, override, _left(deadline))

@@ -158,14 +158,15 @@ def test_managed_yes_repaired_when_libvirt_left_it_on_vfio(sim):
     assert journal() == {}
 
 
-def test_failed_prepare_rolls_back_devices_already_switched(sim, capsys):
+def test_a_module_that_cannot_be_loaded_stops_the_start_before_any_device_moves(sim, capsys):
     sim.fail_module("vfio_pci")  # the e1000e needs it; the NIC (first) uses its variant
     xml = domain_xml("vm1", pci(NIC), pci(E1000))
     assert run_hook("vm1", "prepare", "begin", xml) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert f"{E1000}: cannot bind vfio_pci: modprobe vfio_pci failed" in err
-    assert "rolled back 2 device(s)" in err
+    assert "nothing was switched" in err
+    assert not [w for w in sim.writes if w[0].endswith(("unbind", "drivers_probe"))]
     assert sim.driver_of(NIC) == "virtio-pci" and sim.override_of(NIC) is None
     assert sim.driver_of(E1000) == "e1000e"
     assert journal() == {}
