@@ -3,8 +3,11 @@
 The inner session (tests/kernel/guest, see its conftest) runs against the
 guest's real /sys and writes a JUnit XML report to a host-visible dir; this
 module asserts the guest booted, the session passed and it ran tests.
-Skips when the tier is not provisioned (tests/vm/provision.sh) or QEMU is
-missing.  VFIO_LIBVIRT_TEST_CACHE selects the cache dir.
+The guest gets every test device (guest.KERNEL_TIER_DEVICES): the two NICs,
+an igb SR-IOV PF behind a root port and an NVMe over an ext4 image.
+Skips when the tier is not provisioned (tests/vm/provision.sh), QEMU is
+missing or older than 8 (no SR-IOV igb).  VFIO_LIBVIRT_TEST_CACHE selects
+the cache dir.
 """
 
 from __future__ import annotations
@@ -20,13 +23,14 @@ INNER_TIMEOUT = 900.0   # whole guest run, boot retry included (TCG on 2 cores i
 @pytest.fixture(scope="module")
 def inner_session(guest_harness, record_tier_line):
     """The one guest run; its outcome becomes the tier's line in the terminal summary."""
-    info, reason = guest_harness.check_provisioned()
+    devices = guest_harness.KERNEL_TIER_DEVICES
+    info, reason = guest_harness.check_provisioned(devices=devices)
     if info is None:
         record_tier_line(TIER, guest_harness.tier_not_run_line(TIER, reason))
         pytest.skip(reason)
     try:
         result, report = guest_harness.run_pytest_in_guest(
-            "tests/kernel/guest", timeout=INNER_TIMEOUT, info=info)
+            "tests/kernel/guest", timeout=INNER_TIMEOUT, info=info, devices=devices)
     except Exception as err:
         record_tier_line(TIER, guest_harness.tier_not_run_line(TIER, f"{type(err).__name__}: {err}"))
         raise

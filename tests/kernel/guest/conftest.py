@@ -14,7 +14,8 @@ To add a test that drives the product against the real kernel, add a
 test_guest_*.py here and use: `pci` (the test devices with sysfs helpers,
 see guest_sysfs.py), `product` (runs `python3 -m vfio_libvirt` from the
 repo), `hook` (runs hooks/qemu as libvirtd would), `harness`
-(tests/vm/guest.py: BDFs, module and driver names).
+(tests/vm/guest.py: BDFs, module and driver names), and for the real
+hardware `igb` (the SR-IOV PF, VFs disabled) and `nvme` (unmounted).
 Every test starts and ends with the test devices on their boot drivers.
 """
 
@@ -27,7 +28,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.kernel.guest.guest_sysfs import Pci
+from tests.kernel.guest.guest_sysfs import (
+    SYS_PCI,
+    Pci,
+    PciDevice,
+    SriovPf,
+    mounts_of,
+    nvme_block_devices,
+    run,
+    wait_for,
+)
 from tests.vm import guest as H
 
 IN_GUEST = H.in_guest()
@@ -126,3 +136,72 @@ def hook(repo, tmp_path):
     run.journal = lambda: (json.loads((state / "journal.json").read_text())["devices"]
                            if (state / "journal.json").exists() else {})
     return run
+
+
+# ------------------------------------------------------- real hardware (QEMU >= 8)
+
+# A probe under TCG: the NVMe scans its namespace after the driver link appears.
+SETTLE_SECONDS = 60.0
+
+
+def _given(spec: H.TestDevice) -> None:
+    """Skip when the guest was booted without `spec`; fail when given but missing.
+
+    run_in_guest tells the guest its devices (guest.DEVICES_ENV); the kernel tier
+    gives them all, so there a missing device is a failure, never a skip.
+    """
+    if spec not in H.guest_devices():
+        pytest.skip(f"this guest was booted without the {spec.name} test device "
+                    f"({H.DEVICES_ENV}={os.environ.get(H.DEVICES_ENV, '')!r})")
+    assert (SYS_PCI / "devices" / spec.bdf).exists(), (
+        f"the guest was given the {spec.name} at {spec.bdf}, but sysfs has no such device: "
+        f"{sorted(os.listdir(SYS_PCI / 'devices'))}")
+
+
+def settle_igb(pf: SriovPf) -> None:
+    """Back to the boot state: the PF on igb with SR-IOV disabled."""
+    if pf.driver == pf.spec.host_driver:
+        pf.disable_vfs()
+    pf.restore()
+    if pf.driver == pf.spec.host_driver:
+        pf.disable_vfs()
+    wait_for(f"{pf} without VFs", lambda: not pf.vf_bdfs(), SETTLE_SECONDS)
+
+
+def settle_nvme(dev: PciDevice) -> None:
+    """Back to the boot state: nothing mounted from it, on nvme, its namespace there."""
+    for name in nvme_block_devices(dev):
+        for mountpoint in reversed(mounts_of(f"/dev/{name}")):
+            run("umount", mountpoint)
+    dev.restore()
+    wait_for(f"{dev}'s namespace {H.NVME_NAMESPACE}",
+             lambda: H.NVME_NAMESPACE in nvme_block_devices(dev)
+             and Path(f"/dev/{H.NVME_NAMESPACE}").exists(), SETTLE_SECONDS)
+
+
+@pytest.fixture
+def igb():
+    """The igb SR-IOV PF on igb with no VFs, before and after the test."""
+    H.require_guest()
+    _given(H.IGB_PF)
+    pf = SriovPf(H.IGB_PF)
+    settle_igb(pf)
+    assert pf.driver == "igb" and pf.numvfs == 0, f"{pf} not idle before the test"
+    yield pf
+    settle_igb(pf)
+    assert pf.driver == "igb" and pf.numvfs == 0, (
+        f"could not restore {pf} after the test: driver {pf.driver}, {pf.numvfs} VFs")
+
+
+@pytest.fixture
+def nvme():
+    """The NVMe on nvme with its namespace unmounted, before and after the test."""
+    H.require_guest()
+    _given(H.NVME)
+    dev = PciDevice(H.NVME)
+    settle_nvme(dev)
+    assert not mounts_of(f"/dev/{H.NVME_NAMESPACE}"), "the NVMe is mounted before the test"
+    yield dev
+    settle_nvme(dev)
+    assert dev.driver == "nvme" and not mounts_of(f"/dev/{H.NVME_NAMESPACE}"), (
+        f"could not restore {dev} after the test: driver {dev.driver}")

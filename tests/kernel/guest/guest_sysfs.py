@@ -8,6 +8,7 @@ writing is not possible.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -167,3 +168,155 @@ def holding_vfio_group(dev: PciDevice) -> Iterator[subprocess.Popen]:
         holder.wait(timeout=30)
         if holder.stdout:
             holder.stdout.close()
+
+
+# ----------------------------------------------- real hardware: SR-IOV PF, NVMe, routes
+
+
+def device_at(bdf: str, *, name: str = "", host_driver: str = "") -> PciDevice:
+    """A PciDevice for an address that is no TestDevice (a VF, say)."""
+    spec = H.TestDevice(name=name or bdf, bdf=bdf, vendor="", device="", modalias_prefix="",
+                        host_driver=host_driver, iommu_group_own=True, qemu_opts=())
+    return PciDevice(spec)
+
+
+def wait_for(what: str, predicate, timeout: float = 30.0):
+    """predicate()'s first truthy value; AssertionError naming `what` after `timeout` s.
+
+    Probes in the guest are asynchronous (the NVMe scans its namespaces and udev
+    renames netdevs after the driver link appears), and TCG makes them slow.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.1)
+
+
+class SriovPf(PciDevice):
+    """An SR-IOV physical function: sriov_numvfs and its VFs (virtfnN links)."""
+
+    @property
+    def numvfs(self) -> int:
+        return int(self.attr("sriov_numvfs"))
+
+    @property
+    def totalvfs(self) -> int:
+        return int(self.attr("sriov_totalvfs"))
+
+    def vf_bdfs(self) -> list[str]:
+        """The VFs' addresses, in VF index order (virtfn0, virtfn1, ...)."""
+        links = sorted(self.path.glob("virtfn*"), key=lambda p: int(p.name[len("virtfn"):]))
+        return [os.path.basename(os.readlink(link)) for link in links]
+
+    def vfs(self) -> list[PciDevice]:
+        return [device_at(bdf, name=f"{self.spec.name}-vf{i}", host_driver=H.IGB_VF_DRIVER)
+                for i, bdf in enumerate(self.vf_bdfs())]
+
+    def set_numvfs(self, count: int) -> None:
+        """echo count > sriov_numvfs (the kernel wants 0 in between two non-zero counts)."""
+        if count and self.numvfs and self.numvfs != count:
+            write_sysfs(self.path / "sriov_numvfs", "0")
+        write_sysfs(self.path / "sriov_numvfs", str(count))
+
+    def enable_vfs(self, count: int, timeout: float = 60.0) -> list[PciDevice]:
+        """`count` VFs, each probed by its VF driver (igbvf); returns them."""
+        self.set_numvfs(count)
+        vfs = self.vfs()
+        assert len(vfs) == count, f"{self}: asked for {count} VFs, sysfs has {self.vf_bdfs()}"
+        for vf in vfs:
+            wait_for(f"{vf} on {H.IGB_VF_DRIVER}", lambda vf=vf: vf.driver == H.IGB_VF_DRIVER, timeout)
+        udev_settle()  # udev renames the VFs' netdevs (eth0 -> enp1s0v0) after the probe
+        return vfs
+
+    def disable_vfs(self) -> None:
+        """sriov_numvfs = 0, first giving every VF back to its VF driver (a VF a test left
+        on vfio-pci goes away with the others either way, but not while a process holds it)."""
+        if not (self.path / "sriov_numvfs").exists() or self.numvfs == 0:
+            return
+        for vf in self.vfs():
+            with contextlib.suppress(OSError):
+                vf.set_override("\n")
+        write_sysfs(self.path / "sriov_numvfs", "0")
+
+
+def udev_settle(timeout: int = 60) -> None:
+    """Wait until udev has handled every event so far (renames, /dev nodes)."""
+    subprocess.run(["udevadm", "settle", f"--timeout={timeout}"], capture_output=True, check=False)
+
+
+def netdev_names(dev: PciDevice) -> list[str]:
+    return sorted(dev.netdev_ifindexes())
+
+
+NVME_SUBSYSTEMS = Path("/sys/class/nvme-subsystem")
+
+
+def _visible_disk(path: Path) -> bool:
+    """A gendisk with a /dev node: has `dev`, is not a hidden multipath path disk."""
+    hidden = path / "hidden"
+    return (path / "dev").exists() and not (hidden.exists() and hidden.read_text().strip() == "1")
+
+
+def nvme_block_devices(dev: PciDevice) -> list[str]:
+    """The namespace block devices (with a /dev node) an NVMe PCI device serves.
+
+    Without native multipath they sit below the controller (<bdf>/nvme/nvme0/nvme0n1).
+    With it (Debian's default) the controller holds only hidden path disks
+    (nvme0c0n1) and the real disk belongs to the subsystem, which links to each of
+    its controllers (nvme-subsys0/nvme0 -> <bdf>/nvme/nvme0).
+    """
+    found: set[str] = set()
+    for ctrl in dev.path.glob("nvme/nvme*"):
+        found.update(p.name for p in ctrl.glob("nvme*n*") if _visible_disk(p))
+        for subsys in NVME_SUBSYSTEMS.glob("*"):
+            link = subsys / ctrl.name
+            if link.is_symlink() and link.resolve() == ctrl.resolve():
+                found.update(p.name for p in subsys.resolve().glob("nvme*n*") if _visible_disk(p))
+    return sorted(found)
+
+
+def mounts_of(device_node: str) -> list[str]:
+    """Mount points of a block device node, from /proc/self/mountinfo."""
+    try:
+        st = os.stat(device_node)
+    except FileNotFoundError:
+        return []
+    want = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+    found = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if fields[2] == want:
+            found.append(fields[4].encode().decode("unicode_escape"))
+    return found
+
+
+def run(*argv: str) -> subprocess.CompletedProcess:
+    """A command inside the guest that changes it (mount, ip); raises on failure."""
+    H.require_guest()
+    proc = subprocess.run(list(argv), capture_output=True, text=True, check=False, timeout=60)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc
+
+
+def ip_json(*args: str) -> list[dict]:
+    """`ip -j ARGS` parsed (iproute2 prints nothing at all for an empty table)."""
+    out = subprocess.run(["ip", "-j", *args], capture_output=True, text=True,
+                         check=True, timeout=30).stdout.strip()
+    return json.loads(out) if out else []
+
+
+def default_routes() -> list[dict]:
+    return ip_json("route", "show", "default")
+
+
+def addresses_of(dev: PciDevice) -> list[str]:
+    """Every address on the device's netdevs, looked up by ifindex (a name may change
+    under us while udev renames a new netdev)."""
+    ifindexes = {int(i) for i in dev.netdev_ifindexes().values()}
+    return [f"{a['local']}/{a['prefixlen']}" for link in ip_json("addr", "show")
+            if link.get("ifindex") in ifindexes for a in link.get("addr_info", [])]
