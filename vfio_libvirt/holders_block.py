@@ -99,7 +99,21 @@ def find_blocks(class_block: Path, links: dict[str, str], own_names: list[str], 
                 on: Callable[[str, Blocks], list[str]]) -> Blocks:
     """The device's own block devices (`links`: class/block's) and every device stacked
     on them.  Loops are added in rounds — a loop found to be ours may hold the
-    filesystem the next loop's backing file lies on — until a round adds none."""
+    filesystem the next loop's backing file lies on — until a round adds none.
+
+    With native NVMe multipath (Debian's kernels) the PCI device has only a hidden path
+    disk (nvme0c0n1: no `dev`, no /dev node); the namespace everyone mounts is its head
+    (nvme0n1, under the virtual nvme-subsystem).  The head and its partitions are then
+    the device's own disks, not something stacked on it (a stack is "in use"; this is
+    the disk itself)."""
+    names: list[str] = []
+    for name in own_names:
+        if name in heads and not (class_block / name / "dev").exists():
+            for head in heads[name]:
+                names += [head, *_partitions(class_block, head)]
+        else:
+            names.append(name)
+    own_names = list(dict.fromkeys(names))
     blocks = Blocks({name: majmin_of(class_block / name / "dev") for name in own_names})
     for name in own_names:
         if (class_block / name / "partition").exists():

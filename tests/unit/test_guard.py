@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -137,4 +138,35 @@ def test_a_hanging_ip_is_bounded_by_the_start_budget(sim, host_sim, monkeypatch,
     assert run_hook("vm1", "prepare", "begin", domain_xml("vm1", pci(NIC))) == 1
     assert time.monotonic() - started < 3.5
     assert "refusing:" in capsys.readouterr().err
+    assert sim.writes == []
+
+
+def native_multipath(host_sim) -> None:
+    """What Debian's 6.12 shows (nvme_core.multipath=Y): below the PCI device only the
+    hidden path disk nvme0c0n1 (no dev file); the namespace nvme0n1 and its partitions
+    hang below the virtual nvme-subsystem and name the path in multipath/."""
+    from tests.support.simhost import _link
+    ctrl = host_sim.device(NVME) / "nvme" / "nvme0"
+    shutil.rmtree(ctrl / "nvme0n1")
+    for name in ("nvme0n1", "nvme0n1p1", "nvme0n1p2"):
+        (host_sim.sys / "class" / "block" / name).unlink()
+    host_sim.block(ctrl / "nvme0c0n1", "nvme0c0n1", major=259)
+    (ctrl / "nvme0c0n1" / "dev").unlink()
+    head = host_sim.sys / "devices/virtual/nvme-subsystem/nvme-subsys0/nvme0n1"
+    host_sim.block(head, "nvme0n1", major=259)
+    host_sim.block(head / "nvme0n1p1", "nvme0n1p1", major=259, partition=1)
+    (head / "multipath").mkdir()
+    _link(head / "multipath" / "nvme0c0n1", ctrl / "nvme0c0n1")
+
+
+def test_an_nvme_under_native_multipath_is_judged_by_its_namespace(sim, host_sim, capsys):
+    native_multipath(host_sim)
+    assert cli_main(["holders", NVME, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["verdict"] == "free"
+    host_sim.mount("nvme0n1p1", "/srv/data")
+    assert run_hook("vm1", "prepare", "begin", domain_xml("vm1", pci(NVME))) == 1
+    assert f"{NVME}: refusing: nvme0n1p1 is mounted at /srv/data (in use;" in capsys.readouterr().err
+    host_sim.mount("nvme0n1p1", "/")
+    assert run_hook("vm1", "prepare", "begin", domain_xml("vm1", pci(NVME))) == 1
+    assert "nvme0n1p1 is mounted at / (root filesystem)" in capsys.readouterr().err
     assert sim.writes == []

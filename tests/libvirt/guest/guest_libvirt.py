@@ -147,7 +147,9 @@ def start_libvirtd(timeout: float = 300) -> int:
     proc = run(["libvirtd", "-d"], env=env, timeout=120)
     if proc.returncode != 0:
         raise CommandFailed(f"libvirtd did not start\n{describe(proc)}\n{tail(LIBVIRTD_LOG)}")
-    if not wait_for(lambda: virsh("version", check=False, timeout=60).returncode == 0, timeout, 1.0):
+    # The first question makes libvirt probe QEMU's capabilities: QEMU 10 under TCG on a
+    # busy 2-core machine took 53 s once, so one try may use most of the budget.
+    if not wait_for(lambda: virsh("version", check=False, timeout=timeout).returncode == 0, timeout, 1.0):
         raise CommandFailed(f"libvirtd does not answer after {timeout:.0f}s\n{tail(LIBVIRTD_LOG)}")
     return int(LIBVIRTD_PIDFILE.read_text().split()[0])
 
