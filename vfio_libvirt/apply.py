@@ -118,11 +118,7 @@ class Switcher:
         current = sysfs.driver(address)
         if current != driver:
             self._release_current(address, current, pin=driver, deadline=deadline)
-            sysfs.probe(address)
-            now = sysfs.driver(address)
-            if now != driver:
-                # drivers_probe reports success even when nothing bound
-                raise NotYet(f"{driver} did not bind (driver now {now or 'none'})")
+            self._probe_for(address, driver)
         if sysfs.driver_override(address) != driver:
             sysfs.set_driver_override(address, driver)
 
@@ -138,12 +134,16 @@ class Switcher:
             self._release_current(address, current, pin=driver if driver is not None else override,
                                   deadline=deadline)
             if driver is not None:
-                sysfs.probe(address)
-                now = sysfs.driver(address)
-                if now != driver:
-                    raise NotYet(f"{driver} did not bind (driver now {now or 'none'})")
+                self._probe_for(address, driver)
         if sysfs.driver_override(address) != override:
             sysfs.set_driver_override(address, override)
+
+    def _probe_for(self, address: PciAddress, driver: str) -> None:
+        """Probe, and check `driver` took it: drivers_probe reports success even when nothing bound."""
+        self.sysfs.probe(address)
+        now = self.sysfs.driver(address)
+        if now != driver:
+            raise NotYet(f"{driver} did not bind (driver now {now or 'none'})")
 
     def _release_current(
         self, address: PciAddress, current: str | None, *, pin: str | None, deadline: float

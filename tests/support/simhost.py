@@ -397,3 +397,17 @@ class SimHost:
                                           for i, p in enumerate(maps)]
         (directory / "maps").write_text("".join(line + "\n" for line in lines))
         return directory
+
+
+def read_holders(host: SimHost, bdf: str, reader=None):
+    """What a (fresh, unless given) HolderReader finds for `bdf` on the simulated host."""
+    from vfio_libvirt.holders import HolderReader
+    from vfio_libvirt.pci import PciAddress
+
+    reader = reader or HolderReader(host.root, host.ip_command())
+    return reader.read(PciAddress.parse(bdf))
+
+
+def holder_lines(found) -> list[tuple[str, str, str]]:
+    """(severity, kind, sentence) of each holder, for exact comparisons."""
+    return [(h.severity, h.kind, str(h)) for h in found.holders]

@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.simhost import NVME, VIRTIO_NET, SimHost, maps_line, resource_path
+from tests.support.simhost import (
+    NVME,
+    VIRTIO_NET,
+    SimHost,
+    holder_lines,
+    maps_line,
+    read_holders,
+    resource_path,
+)
 from tests.support.simkernel import SimKernel
 from vfio_libvirt import holders_net, holders_scan
 from vfio_libvirt.errors import InputError
@@ -39,13 +47,8 @@ def host() -> SimHost:
     return SimHost(kernel)
 
 
-def read(host: SimHost, bdf: str, reader: HolderReader | None = None) -> DeviceHolders:
-    reader = reader or HolderReader(host.root, host.ip_command())
-    return reader.read(PciAddress.parse(bdf))
-
-
-def lines(found: DeviceHolders) -> list[tuple[str, str, str]]:
-    return [(h.severity, h.kind, str(h)) for h in found.holders]
+read = read_holders
+lines = holder_lines
 
 
 # --- block devices ------------------------------------------------------------------------

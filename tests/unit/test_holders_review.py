@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.simhost import NVME, VIRTIO_NET, SimHost
+from tests.support.simhost import NVME, VIRTIO_NET, SimHost, holder_lines, read_holders
 from tests.support.simkernel import SimKernel
 from vfio_libvirt import holders_claim, holders_scan
-from vfio_libvirt.holders import DeviceHolders, HolderReader
-from vfio_libvirt.pci import PciAddress
+from vfio_libvirt.holders import HolderReader
 
 DISK = "0000:03:00.0"
 DISK2 = "0000:04:00.0"
@@ -40,13 +39,8 @@ def host(monkeypatch) -> SimHost:
     return sim
 
 
-def read(host: SimHost, bdf: str, reader: HolderReader | None = None) -> DeviceHolders:
-    reader = reader or HolderReader(host.root, host.ip_command())
-    return reader.read(PciAddress.parse(bdf))
-
-
-def lines(found: DeviceHolders) -> list[tuple[str, str, str]]:
-    return [(h.severity, h.kind, str(h)) for h in found.holders]
+read = read_holders
+lines = holder_lines
 
 
 def zfs_root(host: SimHost) -> None:

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.simhost import VIRTIO_NET, SimHost
+from tests.support.simhost import VIRTIO_NET, SimHost, holder_lines, read_holders
 from tests.support.simkernel import SimKernel
-from vfio_libvirt.holders import DeviceHolders, HolderReader
-from vfio_libvirt.pci import PciAddress
+from vfio_libvirt.holders import HolderReader
 
 NIC = "0000:00:03.0"
 GPU = "0000:01:00.0"
@@ -31,13 +30,8 @@ def host() -> SimHost:
     return SimHost(kernel)
 
 
-def read(host: SimHost, bdf: str, reader: HolderReader | None = None) -> DeviceHolders:
-    reader = reader or HolderReader(host.root, host.ip_command())
-    return reader.read(PciAddress.parse(bdf))
-
-
-def lines(found: DeviceHolders) -> list[tuple[str, str, str]]:
-    return [(h.severity, h.kind, str(h)) for h in found.holders]
+read = read_holders
+lines = holder_lines
 
 
 # --- 6. default routes in every table ---------------------------------------------------------
