@@ -21,6 +21,7 @@ asks it through the `on` callable (a path → the block devices its filesystem i
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,8 +72,15 @@ class Blocks:
         return [n for n in self.own if n not in self.parent] or list(self.own)[:1]
 
 
+_NVME_PATH = re.compile(r"nvme(\d+)c\d+n(\d+)")
+
+
 def multipath_heads(class_block: Path, links: dict[str, str]) -> dict[str, list[str]]:
-    """NVMe path disk (nvme0c0n1, under the controller) → the multipath head disks using it."""
+    """NVMe path disk (nvme0c0n1, under the controller) → the multipath head disks using it.
+
+    The kernel names a path disk nvme<subsys>c<ctrl>n<ns> and its head nvme<subsys>n<ns>
+    (nvme_set_disk_name), so the name alone finds the head; newer kernels also list the
+    paths in the head's `multipath/` directory (Debian's 6.12 does not)."""
     heads: dict[str, list[str]] = {}
     for name, target in links.items():
         if "nvme-subsys" in target:
@@ -80,7 +88,13 @@ def multipath_heads(class_block: Path, links: dict[str, str]) -> dict[str, list[
                 for path in os.listdir(class_block / name / "multipath"):
                     heads.setdefault(path, []).append(name)
             except OSError:
-                continue  # a partition of a head, or garbage
+                pass  # no such directory on this kernel, a partition of a head, or garbage
+    for name in links:
+        if (match := _NVME_PATH.fullmatch(name)) and "nvme-subsys" in links.get(
+                head := f"nvme{match[1]}n{match[2]}", ""):
+            heads.setdefault(name, [])
+            if head not in heads[name]:
+                heads[name].append(head)
     return heads
 
 
