@@ -39,7 +39,8 @@ def _load_domain(args: argparse.Namespace):
 
 
 def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
-    from vfio_libvirt.lifecycle import Host, preview
+    from vfio_libvirt.lifecycle import Host
+    from vfio_libvirt.views import preview
 
     require_valid_config(settings)
     domain = _load_domain(args)
@@ -57,7 +58,8 @@ def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    from vfio_libvirt.lifecycle import Host, drift
+    from vfio_libvirt.lifecycle import Host
+    from vfio_libvirt.views import drift
 
     host = Host(settings)
     try:

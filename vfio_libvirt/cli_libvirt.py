@@ -105,7 +105,7 @@ def _journal_findings(host) -> list[Finding]:
     Drift covers entries a crashed run left in claimed/switching/restoring and devices
     the journal puts on a VFIO driver that have no driver at all: each needs an admin.
     """
-    from vfio_libvirt.lifecycle import drift
+    from vfio_libvirt.views import drift
 
     try:
         snapshot = host.journal.read()

@@ -80,8 +80,9 @@ def _guarded(domain_name: str, action) -> int:
 def _prepare(domain_name: str, data: bytes, dry_run: bool) -> int:
     from vfio_libvirt.domain import Domain
     from vfio_libvirt.errors import InputError
-    from vfio_libvirt.lifecycle import Host, prepare, preview
+    from vfio_libvirt.lifecycle import Host, prepare
     from vfio_libvirt.settings import Settings
+    from vfio_libvirt.views import preview
 
     domain = Domain.from_xml(data)
     if domain.name != domain_name:
@@ -119,8 +120,9 @@ def _release(domain_name: str, dry_run: bool) -> int:
 def _reconnect(domain_name: str) -> int:
     import logging
 
-    from vfio_libvirt.lifecycle import Host, drift
+    from vfio_libvirt.lifecycle import Host
     from vfio_libvirt.settings import Settings
+    from vfio_libvirt.views import drift
 
     host = Host(Settings.from_env())
     for line in drift(host, domain_name):

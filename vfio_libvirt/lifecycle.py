@@ -23,7 +23,7 @@ from vfio_libvirt.pci import PciAddress
 from vfio_libvirt.plan import Plan, Step
 from vfio_libvirt.state import Entries, Entry
 
-__all__ = ["Host", "PlanRefused", "drift", "make_plan", "prepare", "preview", "release", "restore_device"]
+__all__ = ["Host", "PlanRefused", "make_plan", "prepare", "release", "restore_device"]
 
 log = logging.getLogger("vfio_libvirt")
 
@@ -119,22 +119,6 @@ def _journal_statuses(host: Host, entries: list[Entry], status: str) -> None:
 
 def _group_of(step: Step) -> str:
     return step.iommu_group or str(step.address)  # no IOMMU group: a group of its own
-
-
-def preview(host: Host, domain: Domain) -> Plan:
-    """What `prepare` would do now, journal included (for `plan` and dry runs); writes nothing."""
-    plan = make_plan(host, domain)
-    snapshot = host.journal.read()
-    problems = []
-    for step in plan.steps:
-        key = str(step.address)
-        if key in snapshot.blocked and step.action in ("bind", "keep"):
-            problems.append(f"{key}: {snapshot.blocked[key]}")
-        entry = snapshot.entries.get(key)
-        if entry is not None and entry.domain != domain.name:
-            problems.append(f"{key} is in use by domain {entry.domain} ({entry.status}); a start "
-                            f"would wait up to {host.config.bind_timeout:g} s for it to be given back")
-    return replace(plan, problems=plan.problems + tuple(problems)) if problems else plan
 
 
 def _left(deadline: float) -> float:
@@ -428,39 +412,3 @@ def _fallback_to_vfio(host: Host, entry: Entry, address: PciAddress) -> str:
     except Exception as err:
         return f"and could not return it to {entry.target_driver} either ({describe(err)}): no driver"
     return f"kept on {entry.target_driver}"
-
-
-# --- drift -----------------------------------------------------------------------------
-def drift(host: Host, domain_name: str | None = None) -> list[str]:
-    """Where sysfs disagrees with the journal (for reconnect, `status`, `doctor`); changes nothing."""
-    found = []
-    for entry in host.journal.read().entries.values():
-        if domain_name is not None and entry.domain != domain_name:
-            continue
-        address = PciAddress.parse(entry.address)
-        if not host.sysfs.exists(address):
-            found.append(f"{address}: in the journal for {entry.domain} but gone from the host")
-            continue
-        if entry.in_flight and not host.domain_locks.busy(entry.domain):
-            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry.updated))
-            found.append(f"{address}: {entry.domain}'s entry is stuck in {entry.status} since {since} "
-                         f"(written by pid {entry.pid}; no run is at work on that domain); "
-                         f"run: vfio-libvirt restore --domain {entry.domain}")
-            continue
-        current = host.sysfs.driver(address)
-        expected = _expected_driver(entry)
-        if expected is not None and current != expected:
-            found.append(
-                f"{address}: journal says {entry.domain} has it on {expected}, "
-                f"sysfs says {current or 'no driver'}"
-            )
-        elif entry.role == "watch" and not host.on_vfio_driver(address):
-            found.append(f"{address}: {entry.domain} (managed='yes') runs but the device is on "
-                         f"{current or 'no driver'}, not a VFIO driver")
-    return found
-
-
-def _expected_driver(entry: Entry) -> str | None:
-    if entry.role in ("bind", "companion", "keep") and entry.status == "bound":
-        return entry.target_driver or entry.original_driver
-    return None

@@ -298,8 +298,9 @@ def test_reconnect_reports_drift_and_changes_nothing(sim, caplog):
     assert run_hook("vm1", "reconnect", "begin", xml) == 0
     assert len(sim.writes) == writes
     assert Journal(Path(os.environ["VFIO_LIBVIRT_STATE_DIR"])).read().for_domain("vm1")
-    from vfio_libvirt.lifecycle import Host, drift
+    from vfio_libvirt.lifecycle import Host
     from vfio_libvirt.settings import Settings
+    from vfio_libvirt.views import drift
     assert drift(Host(Settings.from_env()), "vm1") == [
         f"{NIC}: journal says vm1 has it on virtio-vfio-pci, sysfs says no driver"
     ]
