@@ -74,7 +74,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         key = str(address)
         entry = entries.get(key)
         driver = host.sysfs.driver(address)
-        on_vfio = host.sysfs.has_vfio_dev(address) or driver == "vfio-pci"
+        on_vfio = host.on_vfio_driver(address)
         if entry is None and not on_vfio:
             continue
         rows.append({

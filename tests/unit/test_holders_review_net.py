@@ -11,14 +11,10 @@ import pytest
 
 from tests.support.simhost import VIRTIO_NET, SimHost, holder_lines, read_holders
 from tests.support.simkernel import SimKernel
+from tests.unit.test_holders import GPU, GPU_ALIAS, IGB, NIC, PF
 from vfio_libvirt.holders import HolderReader
 
-NIC = "0000:00:03.0"
-GPU = "0000:01:00.0"
 GPU2 = "0000:02:00.0"
-PF = "0000:05:00.0"
-GPU_ALIAS = "pci:v000010DEd00002204sv00001458sd00004043bc03sc00i00"
-IGB = "pci:v00008086d000010C9sv00008086sd0000A03Csc00i00"
 
 
 @pytest.fixture
