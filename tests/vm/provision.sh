@@ -12,9 +12,10 @@
 #   2. Debian's linux-image-6.12.*-amd64-unsigned + headers + kbuild,
 #      fetched with apt-get download and unpacked with dpkg -x under
 #      CACHE_DIR/kernel/<kver>/
-#   3. builds the test VFIO variant modules (tests/vm/module) against those
-#      headers, installs them in lib/modules/<kver>/updates/vfio-libvirt-test/
-#      and runs depmod -b, so modules.alias carries their vfio_pci: aliases
+#   3. builds the test modules (tests/vm/module: two VFIO variant drivers and
+#      a slow host driver) against those headers, installs them in
+#      lib/modules/<kver>/updates/vfio-libvirt-test/ and runs depmod -b, so
+#      modules.alias carries their vfio_pci: and pci: aliases
 #   4. a venv with virtme-ng (vng) in CACHE_DIR/venv
 #   5. CACHE_DIR/nvme.ext4: a small ext4 image for the guest's NVMe (the
 #      guest opens it with snapshot=on and never changes it)
@@ -226,7 +227,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$src_hash" ]; then
     depmod -b "$kroot" "$kver" || die "depmod failed"
     for a in 'vfio_pci:v\*d\*sv\*sd\*bc\*sc\*i\* vfio_pci$' \
              'vfio_pci:v00001AF4d00001041sv\*sd\*bc\*sc\*i\* vlt_virtio_vfio_pci$' \
-             'vfio_pci:v00001AF4d\*sv\*sd\*bc\*sc\*i\* vlt_vendor_vfio_pci$'; do
+             'vfio_pci:v00001AF4d\*sv\*sd\*bc\*sc\*i\* vlt_vendor_vfio_pci$' \
+             'pci:v00001234d000011E8sv\*sd\*bc\*sc\*i\* vlt_slow_host$'; do
         grep -q "^alias $a" "$moddir/modules.alias" || die "modules.alias lacks: alias $a"
     done
     echo "$src_hash" >"$stamp"
@@ -277,7 +279,7 @@ VLT_MODULES_DIR='$moddir'
 VLT_VENV_BIN='$venv/bin'
 VLT_VNG='$venv/bin/vng'
 VLT_VNG_VERSION='$VNG_VERSION'
-VLT_TEST_MODULES='vlt_virtio_vfio_pci:vlt-virtio-vfio vlt_vendor_vfio_pci:vlt-vendor-vfio'
+VLT_TEST_MODULES='vlt_virtio_vfio_pci:vlt-virtio-vfio vlt_vendor_vfio_pci:vlt-vendor-vfio vlt_slow_host:vlt-slow-host'
 VLT_NVME_IMAGE='$nvme_image'
 EOF
 if cmp -s "$envtmp" "$cache/env"; then rm -f "$envtmp"; else mv "$envtmp" "$cache/env"; log "wrote $cache/env"; fi
