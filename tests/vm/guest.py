@@ -144,8 +144,34 @@ NVME_NAMESPACE = "nvme0n1"
 NVME_PATH_DISK = "nvme0c0n1"
 NVME_KNOWN_FILE = ("vfio-libvirt-test.txt", "vfio-libvirt test NVMe\n")
 HARDWARE_DEVICES: tuple[TestDevice, ...] = (IGB_PF, NVME)
-KERNEL_TIER_DEVICES: tuple[TestDevice, ...] = (*DEFAULT_TEST_DEVICES, *HARDWARE_DEVICES)
+
+
+# Three QEMU "edu" devices (1234:11e8, no in-kernel driver) for the bounded-wait tests,
+# each alone in its IOMMU group: the test host driver vlt_slow_host (tests/vm/module)
+# binds them, and its probe()/remove() sleep as long as its probe_ms/remove_ms
+# parameters say, so an unbind or drivers_probe write stays in the kernel (D state).
+def _slow(index: int, slot: int) -> TestDevice:
+    return TestDevice(
+        name=f"slow{index}",
+        bdf=f"0000:00:{slot:02x}.0",
+        vendor="0x1234",
+        device="0x11e8",
+        modalias_prefix="pci:v00001234d000011E8sv00001AF4sd00001100bc00scFFi00",
+        host_driver="vlt-slow-host",
+        iommu_group_own=True,
+        qemu_opts=("-device", f"edu,addr={slot:#x}"),
+    )
+
+
+SLOW_DEVICES: tuple[TestDevice, ...] = tuple(_slow(i, 0x14 + i) for i in range(3))
+SLOW_MODULE = "vlt_slow_host"
+SLOW_DRIVER = "vlt-slow-host"
+SLOW_PARAMS = Path("/sys/module") / SLOW_MODULE / "parameters"   # probe_ms, remove_ms (guest)
+KERNEL_TIER_DEVICES: tuple[TestDevice, ...] = (*DEFAULT_TEST_DEVICES, *HARDWARE_DEVICES,
+                                               *SLOW_DEVICES)
 ALL_DEVICES = {d.name: d for d in KERNEL_TIER_DEVICES}
+# Names that stand for several devices (guest.py --devices slow)
+DEVICE_GROUPS: dict[str, tuple[TestDevice, ...]] = {"slow": SLOW_DEVICES}
 # Inside the guest: the names of the devices it was booted with, comma-separated.
 DEVICES_ENV = "VFIO_LIBVIRT_TEST_DEVICES"
 
@@ -662,13 +688,14 @@ if __name__ == "__main__":   # ad-hoc: python3 tests/vm/guest.py 'cmd ...'
     parser.add_argument("command", nargs="?", default="uname -a; cat /proc/cmdline")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT)
     parser.add_argument("--console", action="store_true", help="print the console too")
+    known = {**{n: (d,) for n, d in ALL_DEVICES.items()}, **DEVICE_GROUPS}
     parser.add_argument("--devices", default=",".join(ALL_DEVICES),
-                        help=f"comma-separated test devices (default: all, {','.join(ALL_DEVICES)})")
+                        help=f"comma-separated test devices (default: all; {','.join(known)})")
     ns = parser.parse_args()
     try:
-        chosen = tuple(ALL_DEVICES[n] for n in ns.devices.split(",") if n)
+        chosen = tuple(dict.fromkeys(d for n in ns.devices.split(",") if n for d in known[n]))
     except KeyError as bad:
-        sys.exit(f"guest: unknown test device {bad} (known: {', '.join(ALL_DEVICES)})")
+        sys.exit(f"guest: unknown test device {bad} (known: {', '.join(known)})")
     info, why = check_provisioned(devices=chosen)
     if info is None:
         sys.exit(f"guest: {why}")
