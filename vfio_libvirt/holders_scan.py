@@ -331,14 +331,19 @@ def read_links(directory: Path) -> dict[str, str]:
     """Entry → link target of every link in a sysfs directory (`class/block`, `dev/char`)."""
     links: dict[str, str] = {}
     try:
-        entries = os.listdir(directory)
+        dir_fd = os.open(directory, _DIR_FLAGS)
     except OSError:
         return links
-    for name in entries:
-        try:
-            links[name] = os.readlink(directory / name)
-        except OSError:
-            continue  # not a link (garbage), or gone
+    try:  # relative to the open directory: a host's dev/char holds hundreds of links
+        for name in os.listdir(dir_fd):
+            try:
+                links[name] = os.readlink(name, dir_fd=dir_fd)
+            except OSError:
+                continue  # not a link (garbage), or gone
+    except OSError:
+        pass  # the directory went away under us
+    finally:
+        os.close(dir_fd)
     return links
 
 
