@@ -4,6 +4,12 @@ Retries follow tenacity's model: a per-device deadline, exponential backoff from
 capped at 0.5 s, and only for conditions that can clear by themselves (EBUSY/EAGAIN
 from the kernel, a device still held open through VFIO, a driver link that has not
 appeared yet).  Anything else fails at once: retrying ENODEV only wastes the deadline.
+
+A write can also sleep in the kernel far past any deadline (a driver's remove() waiting
+for its users).  Nothing here can interrupt it; the Switcher records which write each
+device is in (`in_kernel`) so the caller, waiting from another thread, can say what is
+stuck.  modprobe runs as a child that is never wait()ed for past its deadline: a module
+init sleeping in D state would hang wait() too.
 """
 
 from __future__ import annotations
@@ -11,7 +17,8 @@ from __future__ import annotations
 import errno
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
@@ -30,6 +37,11 @@ milliseconds of QEMU letting go, not after a backoff step."""
 
 class NotYet(Exception):
     """A condition that may clear by itself: worth another try before the deadline."""
+
+
+class TooLate(OperationError):
+    """A bind whose deadline passed mid-way (a write came back late): the start has been
+    answered as failed already, so binding the device now would only have to be undone."""
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -60,9 +72,11 @@ class Switcher:
     def __init__(self, sysfs: Sysfs, modprobe: Sequence[str]) -> None:
         self.sysfs = sysfs
         self.modprobe = list(modprobe)
+        self.in_kernel: dict[str, tuple[str, float]] = {}
+        """BDF -> (the write it is in, monotonic start) while a worker is inside it."""
 
-    def driver_for_module(self, module: str) -> str:
-        """Load `module` if needed and return the PCI driver name it registers.
+    def driver_for_module(self, module: str, seconds: float = 60.0) -> str:
+        """Load `module` if needed (within `seconds`) and return the PCI driver name it registers.
 
         The names differ (`vfio_pci` registers `vfio-pci`); writing the module name to
         driver_override leaves a device with no driver at all.
@@ -70,24 +84,45 @@ class Switcher:
         module = module_name(module)
         drivers = self.sysfs.module_pci_drivers(module)
         if not drivers:
-            try:
-                proc = subprocess.run(
-                    [*self.modprobe, module], stdin=subprocess.DEVNULL,
-                    capture_output=True, text=True, timeout=60, check=False,
-                )
-            except (OSError, subprocess.TimeoutExpired) as err:
-                raise OperationError(f"cannot load module {module}: {err}") from None
-            if proc.returncode != 0:
-                detail = (proc.stderr or proc.stdout).strip().splitlines()
-                raise OperationError(
-                    f"modprobe {module} failed" + (f": {detail[-1]}" if detail else "")
-                )
+            self._modprobe(module, seconds)
             drivers = self.sysfs.module_pci_drivers(module)
         if not drivers:
             raise OperationError(f"module {module} registered no PCI driver")
         if len(drivers) > 1:
             raise OperationError(f"module {module} registers several PCI drivers: {drivers}")
         return drivers[0]
+
+    def _modprobe(self, module: str, seconds: float) -> None:
+        try:
+            proc = subprocess.Popen(
+                [*self.modprobe, module], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, text=True, start_new_session=True,
+            )
+        except OSError as err:
+            raise OperationError(f"cannot load module {module}: {err}") from None
+        try:
+            out, err_text = proc.communicate(timeout=max(seconds, 0.1))
+        except subprocess.TimeoutExpired:
+            # kill it, but do not wait(): a module init asleep in the kernel ignores
+            # SIGKILL until it returns, and wait() would sleep with it
+            proc.kill()
+            for stream in (proc.stdout, proc.stderr):
+                if stream is not None:
+                    stream.close()
+            raise OperationError(f"modprobe {module} still running after {seconds:g} s "
+                                 f"(pid {proc.pid}; stuck in the module's init?)") from None
+        if proc.returncode != 0:
+            detail = (err_text or out).strip().splitlines()
+            raise OperationError(f"modprobe {module} failed" + (f": {detail[-1]}" if detail else ""))
+
+    @contextmanager
+    def _writing(self, address: PciAddress, what: str) -> Iterator[None]:
+        key = str(address)
+        self.in_kernel[key] = (what, time.monotonic())
+        try:
+            yield
+        finally:
+            self.in_kernel.pop(key, None)
 
     def bind(self, address: PciAddress, driver: str, seconds: float) -> None:
         """Make `driver` (and only it) drive the device, within `seconds`."""
@@ -117,10 +152,14 @@ class Switcher:
         sysfs = self.sysfs
         current = sysfs.driver(address)
         if current != driver:
+            began = time.monotonic()
             self._release_current(address, current, pin=driver, deadline=deadline)
+            if current is not None and began <= deadline < time.monotonic():
+                raise TooLate(f"unbind from {current} returned after the deadline; not binding {driver}")
             self._probe_for(address, driver)
         if sysfs.driver_override(address) != driver:
-            sysfs.set_driver_override(address, driver)
+            with self._writing(address, "driver_override"):
+                sysfs.set_driver_override(address, driver)
 
     def _restore_once(
         self, address: PciAddress, driver: str | None, override: str | None, deadline: float
@@ -136,11 +175,13 @@ class Switcher:
             if driver is not None:
                 self._probe_for(address, driver)
         if sysfs.driver_override(address) != override:
-            sysfs.set_driver_override(address, override)
+            with self._writing(address, "driver_override"):
+                sysfs.set_driver_override(address, override)
 
     def _probe_for(self, address: PciAddress, driver: str) -> None:
         """Probe, and check `driver` took it: drivers_probe reports success even when nothing bound."""
-        self.sysfs.probe(address)
+        with self._writing(address, f"drivers_probe for {driver}"):
+            self.sysfs.probe(address)
         now = self.sysfs.driver(address)
         if now != driver:
             raise NotYet(f"{driver} did not bind (driver now {now or 'none'})")
@@ -159,9 +200,11 @@ class Switcher:
             if holders := sysfs.vfio_holder_pids(address):  # a new holder may have come
                 raise NotYet("still held open by " + ", ".join(f"{p} ({c})" for p, c in holders.items()))
         if sysfs.driver_override(address) != pin:
-            sysfs.set_driver_override(address, pin)
+            with self._writing(address, "driver_override"):
+                sysfs.set_driver_override(address, pin)
         if current is not None:
-            sysfs.unbind(address)
+            with self._writing(address, f"unbind from {current}"):
+                sysfs.unbind(address)
             if sysfs.driver(address) is not None:
                 raise NotYet(f"{current} did not let go")
 

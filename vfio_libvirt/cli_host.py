@@ -10,6 +10,7 @@ import argparse
 import os
 import subprocess
 import sys
+import time
 import unicodedata
 from pathlib import Path
 
@@ -87,6 +88,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
             "role": entry.role if entry else None,
             "status": entry.status if entry else "not in journal",
             "error": entry.error if entry else "",
+            "age_seconds": round(time.time() - entry.updated, 1) if entry else None,
         })
     drifted = drift(host)
     if args.json:
@@ -98,7 +100,10 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     for row in rows:
         owner = row["domain"] or "-"
         running = f"  running in {row['libvirt_domain']}" if row["libvirt_domain"] else ""
-        print(f"{row['address']}  {row['driver'] or '(none)':<18} {row['status']:<15} "
+        status = row["status"]
+        if status == "stuck":  # how long the kernel has kept the write
+            status += f" for {row['age_seconds']:.0f} s"
+        print(f"{row['address']}  {row['driver'] or '(none)':<18} {status:<15} "
               f"domain={owner}  original={row['original_driver'] or '-'}{running}"
               + (f"  error: {row['error']}" if row["error"] else ""))
     for line in drifted:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,6 +121,10 @@ def _journal_findings(host) -> list[Finding]:
                    "vfio-libvirt restore --all" if failed else "")]
     out += [Finding("fail", f"journal: {line}", "inspect the file; remove it once its devices are safe")
             for line in snapshot.problems]
+    out += [Finding("warn", f"{e.address}: stuck for {time.time() - e.updated:.0f} s: {e.error}",
+                    f"pid {e.pid} finishes it when the kernel returns; if that never happens, the "
+                    "driver is waiting for a user of the device (see vfio-libvirt holders BDF)")
+            for e in entries.values() if e.status == "stuck" and host.domain_locks.busy(e.domain)]
     out += [Finding("fail", f"drift: {line}") for line in drifted]
     return out
 

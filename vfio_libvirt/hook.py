@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 # `typing` alone costs more than the whole fast path; only type checkers need these.
 TYPE_CHECKING = False
@@ -22,7 +23,12 @@ if TYPE_CHECKING:
 PREFIX = "vfio-libvirt"
 
 
-def main(argv: Sequence[str] | None = None, stdin: BinaryIO | None = None) -> int:
+def main(
+    argv: Sequence[str] | None = None, stdin: BinaryIO | None = None, *, detach: bool | None = None,
+) -> int:
+    """`detach` (default: when run as libvirt's hook, i.e. without `argv`): do the work in a
+    child process that answers libvirt on time however long the kernel takes (detach.py)."""
+    detach = argv is None if detach is None else detach
     argv = list(sys.argv if argv is None else argv)
     if len(argv) < 4:
         print(f"{PREFIX}: usage: {argv[0] if argv else 'qemu'} DOMAIN OP SUBOP [EXTRA…]",
@@ -37,11 +43,13 @@ def main(argv: Sequence[str] | None = None, stdin: BinaryIO | None = None) -> in
         data = (stdin or sys.stdin.buffer).read(MAX_XML_BYTES + 1)
         if not may_assign_pci(data):
             return 0  # USB, SCSI, mdev or network devices only: nothing of ours to do
-        return _guarded(domain_name, lambda: _prepare(domain_name, data, dry_run))
+        return _run(domain_name, lambda channel: _prepare(domain_name, data, dry_run, channel),
+                    detach and not dry_run)
     if (op, subop) in (("release", "end"), ("reconnect", "begin")) and not _journal_exists():
         return 0  # nothing was ever switched (or a reboot cleared /run with every binding)
     if (op, subop) == ("release", "end"):
-        return _guarded(domain_name, lambda: _release(domain_name, dry_run))
+        return _run(domain_name, lambda channel: _release(domain_name, dry_run, channel),
+                    detach and not dry_run)
     if (op, subop) == ("reconnect", "begin"):
         return _guarded(domain_name, lambda: _reconnect(domain_name))
     return 0
@@ -55,6 +63,29 @@ def _journal_exists() -> bool:
     except OSError:
         return False
     return any(n == "journal.json" or n.startswith("journal.unreadable.") for n in names)
+
+
+def _run(domain_name: str, action, detach: bool) -> int:
+    """`action(channel)` in this process (channel None), or in a detached child (detach.py)."""
+    if not detach:
+        return _guarded(domain_name, lambda: action(None))
+    from vfio_libvirt import detach as detached
+
+    return detached.run(lambda channel: _guarded(domain_name, lambda: action(channel)),
+                        f"{PREFIX}: {domain_name}")
+
+
+def _answer_early(host, channel, domain_name: str, seconds: float) -> None:
+    """Promise the parent an answer within `seconds`, and let the run answer before it ends."""
+    if channel is None:
+        return
+    channel.promise(time.monotonic() + seconds)
+
+    def answer(code: int, line: str) -> None:
+        print(f"{PREFIX}: {domain_name}: {line}", file=sys.stderr)
+        channel.answer(code, final=False)
+
+    host.answer = answer
 
 
 def _guarded(domain_name: str, action) -> int:
@@ -77,7 +108,7 @@ def _guarded(domain_name: str, action) -> int:
         return 1
 
 
-def _prepare(domain_name: str, data: bytes, dry_run: bool) -> int:
+def _prepare(domain_name: str, data: bytes, dry_run: bool, channel) -> int:
     from vfio_libvirt.domain import Domain
     from vfio_libvirt.errors import InputError
     from vfio_libvirt.lifecycle import Host, prepare
@@ -90,6 +121,8 @@ def _prepare(domain_name: str, data: bytes, dry_run: bool) -> int:
     if not domain.hostdevs:
         return 0
     host = Host(Settings.from_env(), read_only=dry_run)
+    # a start answers by its binds' deadline plus a rollback's
+    _answer_early(host, channel, domain_name, host.config.bind_timeout + host.config.restore_timeout)
     if dry_run:
         plan = preview(host, domain)
         for step in plan.steps:
@@ -101,11 +134,12 @@ def _prepare(domain_name: str, data: bytes, dry_run: bool) -> int:
     return 0
 
 
-def _release(domain_name: str, dry_run: bool) -> int:
+def _release(domain_name: str, dry_run: bool, channel) -> int:
     from vfio_libvirt.lifecycle import Host, release
     from vfio_libvirt.settings import Settings
 
     host = Host(Settings.from_env(), config_fallback=True)
+    _answer_early(host, channel, domain_name, host.config.restore_timeout)
     if dry_run:
         for entry in host.journal.read().for_domain(domain_name):
             print(f"{entry.address}: would restore to {entry.original_driver or 'no driver'}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -44,6 +45,9 @@ class Host:
     typo made while a VM runs must never keep its devices from going home."""
     deadline: float | None = None
     """time.monotonic() by which a start must be done (set by prepare); bounds the guard."""
+    answer: Callable[[int, str], None] | None = None
+    """How a run answers its caller before it is over (the hook: detach.py), when the
+    kernel keeps a write past the deadline; None (the CLI): nobody needs an early answer."""
     _holders_stuck: str = ""
     _holders_read: dict[PciAddress, DeviceHolders] = field(default_factory=dict)
 
@@ -121,6 +125,10 @@ class Host:
             return _cannot_decide(address, f"cannot be checked ({type(err).__name__}: {err})")
         self._holders_read[address] = result[0]
         return result[0]
+
+    def known_holders(self, address: PciAddress) -> DeviceHolders | None:
+        """What this run already read about `address`, without reading anything now."""
+        return self._holders_read.get(address)
 
     @cached_property
     def aliases(self) -> AliasTable:

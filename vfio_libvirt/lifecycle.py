@@ -14,7 +14,6 @@ import logging
 import time
 from dataclasses import replace
 
-from vfio_libvirt import engine
 from vfio_libvirt.apply import describe
 from vfio_libvirt.domain import Domain
 from vfio_libvirt.errors import OperationError
@@ -22,6 +21,7 @@ from vfio_libvirt.host import Host, make_plan
 from vfio_libvirt.pci import PciAddress
 from vfio_libvirt.plan import Plan, Step
 from vfio_libvirt.state import Entries, Entry
+from vfio_libvirt.stuck import refuse_if_stuck, run_bounded
 
 __all__ = ["Host", "PlanRefused", "make_plan", "prepare", "release", "restore_device"]
 
@@ -47,10 +47,13 @@ def prepare(host: Host, domain: Domain) -> Plan:
     """Bind every managed='no' device of `domain` to its VFIO driver, or change nothing.
 
     The whole start, waits included, has one deadline (`bind_seconds`): libvirt puts no
-    timeout on hooks.  The domain's lock keeps an admin's `restore --domain` out until
-    this start has finished or rolled back.
+    timeout on hooks.  A write still in the kernel then: the caller is told the start
+    failed, and this run undoes it once the write returns (stuck.py).  The domain's lock
+    keeps an admin's `restore --domain` out until this start has finished or rolled back.
     """
     deadline = host.deadline = time.monotonic() + host.config.bind_timeout
+    if stuck := refuse_if_stuck(host, domain.name):
+        raise OperationError(stuck[0] + "; start it again after that")
     with host.domain_locks.hold(domain.name, host.config.bind_timeout):
         return _prepare(host, domain, deadline)
 
@@ -64,7 +67,7 @@ def _prepare(host: Host, domain: Domain, deadline: float) -> Plan:
         if module in drivers:
             continue
         try:
-            drivers[module] = host.switcher.driver_for_module(module)
+            drivers[module] = host.switcher.driver_for_module(module, _left(deadline))
         except Exception as err:
             log.error("%s %s: bind to %s failed: %s", domain.name, step.address, module, describe(err))
             _rollback(host, domain.name, claimed, before, [])
@@ -84,10 +87,17 @@ def _prepare(host: Host, domain: Domain, deadline: float) -> Plan:
         log.info("%s %s: bound to %s (%s)", domain.name, step.address, drivers[step.module or ""],
                  step.reason)
 
-    outcomes = engine.by_group(binds, _group_of, switch)
-    if failed := [o for o in outcomes if o.error is not None]:
+    outcomes, stuck = run_bounded(
+        host, binds, _group_of, switch, deadline=deadline, budget=host.config.bind_timeout,
+        entry_of=lambda step: claimed[str(step.address)], afterwards=_goes_back,
+    )
+    failed = [o for o in outcomes if o.error is not None]
+    if failed or stuck:  # stuck: libvirt was told the start failed; undo it all
         switched = [o.item for o in outcomes if o.attempted]
         undone = _rollback(host, domain.name, claimed, before, switched)
+        if not failed:
+            raise OperationError(f"a write stuck in the kernel past the deadline; "
+                                 f"rolled back {undone} device(s)")
         step, cause = failed[0].item, describe(failed[0].error)  # type: ignore[arg-type]
         more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
         raise OperationError(
@@ -115,6 +125,10 @@ def _journal_statuses(host: Host, entries: list[Entry], status: str) -> None:
                 log.error("%s %s: its journal entry was removed while the domain was starting; "
                           "recording it again", entry.domain, entry.address)
             journal[entry.address] = entry
+
+
+def _goes_back(entry: Entry) -> str:
+    return f"it goes back to {entry.original_driver or 'no driver'} when the write returns"
 
 
 def _group_of(step: Step) -> str:
@@ -243,7 +257,9 @@ def _rollback(
         if _restore_entry(host, entry, step.original_driver, step.original_override, deadline):
             undone.append(step)
 
-    engine.by_group(list(reversed(switched)), _group_of, undo)
+    run_bounded(host, list(reversed(switched)), _group_of, undo, deadline=deadline,
+                budget=host.config.restore_timeout, entry_of=lambda step: claimed[str(step.address)],
+                afterwards=_goes_back)
     with host.journal.transaction() as entries:
         for key in claimed:
             current = entries.get(key)
@@ -262,9 +278,13 @@ def release(host: Host, domain_name: str) -> list[str]:
 
     One deadline (`restore_seconds`) covers the whole release: a holder that keeps one
     device keeps its whole IOMMU group, and waiting again per device would multiply it.
+    A write still in the kernel at the deadline: the caller is answered, the device is
+    marked stuck, and this run restores it when the write returns (stuck.py).
     A journal this version cannot read is a failure too: it may name this domain's devices.
     """
     deadline = time.monotonic() + host.config.restore_timeout
+    if stuck := refuse_if_stuck(host, domain_name):
+        return stuck  # the run stuck in the kernel finishes the job; waiting here helps nobody
     with host.domain_locks.hold(domain_name, host.config.restore_timeout):
         snapshot = host.journal.read()
         failures = [f"journal: {problem}" for problem in snapshot.problems]
@@ -279,7 +299,8 @@ def release(host: Host, domain_name: str) -> list[str]:
                 failures.append(f"{entry.address}: {entry.error}")
 
         host.switcher  # noqa: B018 -- built once, before the group workers share it
-        engine.by_group(entries, lambda e: _entry_group(host, e), give_back)
+        run_bounded(host, entries, lambda e: _entry_group(host, e), give_back, deadline=deadline,
+                    budget=host.config.restore_timeout, entry_of=lambda e: e, afterwards=_goes_back)
         _forget(host, *home)  # one journal write for every device that went home
     return failures
 

@@ -35,14 +35,16 @@ from vfio_libvirt.pci import PciAddress
 Role = Literal["bind", "companion", "watch", "keep"]
 """bind/companion: the hook switched it and owns the restore; watch: libvirt switches it
 (managed='yes') and the hook checks it came back; keep: it was on a VFIO driver before."""
-Status = Literal["claimed", "switching", "bound", "watching", "restoring", "restore-failed"]
+Status = Literal["claimed", "switching", "bound", "watching", "restoring", "restore-failed", "stuck"]
+"""stuck: a write for it was still in the kernel at the run's deadline; the run answered
+libvirt and stayed behind to finish the job (its pid holds the domain lock meanwhile)."""
 
 SCHEMA_VERSION = 1
 JOURNAL = "journal.json"
 LOCK = "journal.lock"
 UNREADABLE_GLOB = "journal.unreadable.*.json"
 _MAX_READ = 4 << 20  # no journal of ours comes near this; bounds what a hook reads
-_TRANSIENT = frozenset({"claimed", "switching", "restoring"})
+_TRANSIENT = frozenset({"claimed", "switching", "restoring", "stuck"})
 _BDF_TEXT = re.compile(r"[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-9a-fA-F]")
 # every field this version knows, with the JSON types it accepts; the first 7 are required
 _FIELDS: dict[str, tuple[type, ...]] = {
@@ -85,7 +87,7 @@ class Entry:
 
     @property
     def in_flight(self) -> bool:
-        """Claimed, switching or restoring: a run is (or was, if it died) at work on it."""
+        """Claimed, switching, restoring or stuck: a run is (or was, if it died) at work on it."""
         return self.status in _TRANSIENT
 
     def to_json(self) -> dict[str, object]:

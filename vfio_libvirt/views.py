@@ -43,7 +43,8 @@ def drift(host: Host, domain_name: str | None = None) -> list[str]:
             continue
         if entry.in_flight and not host.domain_locks.busy(entry.domain):
             since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry.updated))
-            found.append(f"{address}: {entry.domain}'s entry is stuck in {entry.status} since {since} "
+            state = "left stuck in the kernel" if entry.status == "stuck" else f"stuck in {entry.status}"
+            found.append(f"{address}: {entry.domain}'s entry is {state} since {since} "
                          f"(written by pid {entry.pid}; no run is at work on that domain); "
                          f"run: vfio-libvirt restore --domain {entry.domain}")
             continue

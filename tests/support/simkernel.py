@@ -13,9 +13,10 @@ file calls.  Writes are where the kernel reacts, so the simulator replaces
 - `modprobe` (a generated script, run as a subprocess like the real one) registers a
   module's driver: `/sys/module/<mod>/drivers/pci:<name>` and `/sys/bus/pci/drivers/<name>`.
 
-Fault injection: EBUSY on unbind, a process holding `/dev/vfio/<group>` for a while
-(`/proc/<pid>/fd`), probes that bind nothing, modules that fail to load, a delay per
-write, and a crash (`SimCrash`, a BaseException like a kill) after the n-th write.
+Fault injection: writes that sleep until released (a remove() waiting for its users),
+EBUSY on unbind, a process holding `/dev/vfio/<group>` for a while (`/proc/<pid>/fd`),
+probes that bind nothing, modules that fail to load, a delay per write, and a crash
+(`SimCrash`, a BaseException like a kill) after the n-th write.
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ class Faults:
     probe_fails: dict[str, set[str]] = field(default_factory=dict)
     """BDF → drivers whose probe() fails for it (the device stays without a driver)."""
     write_delay: float = 0.0
+    blocked: dict[tuple[str, str], threading.Event] = field(default_factory=dict)
+    """(write, BDF) -> an event the write sleeps on before the kernel reacts, like a
+    driver's remove() or probe() waiting for its users: `("unbind", bdf)`,
+    `("drivers_probe", bdf)`.  Set the event and the write returns."""
     crash_after_writes: int | None = None
     """Raise SimCrash once `all_writes` (sysfs writes and journal saves) reaches this."""
 
@@ -164,6 +169,9 @@ class SimKernel:
             raise AssertionError(f"write outside the simulated root: {path}")
         if self.faults.write_delay:
             time.sleep(self.faults.write_delay)
+        bdf = value.strip() if path.name in ("unbind", "drivers_probe") else path.parent.name
+        if (gate := self.faults.blocked.get((path.name, bdf))) is not None:
+            gate.wait()
         self.writes.append((str(path.relative_to(self.root.resolve())), value))
         if path.name == "driver_override":
             text = value.strip()

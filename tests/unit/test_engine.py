@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -120,3 +121,26 @@ def test_a_group_stops_at_its_first_failure():
     outcomes = engine.by_group([1, 3, 5, 2], lambda n: n % 2, work)
     assert [o.attempted for o in outcomes] == [True, False, False, True]
     assert sorted(seen) == [1, 2]
+
+
+def test_a_deadline_stops_the_waiting_not_the_work():
+    """A worker asleep in the kernel cannot be interrupted: the caller stops waiting at the
+    deadline, and stop() keeps the rest of that group from starting afterwards."""
+    gate, seen = threading.Event(), []
+
+    def work(n: int) -> None:
+        seen.append(n)
+        if n == 0:
+            gate.wait()  # a write that does not come back by itself
+
+    run = engine.start([0, 2, 1, 3], lambda n: n % 2, work)
+    began = time.monotonic()
+    assert run.wait(until=began + 0.3) is False
+    assert 0.25 < time.monotonic() - began < 1.0
+    assert [o.item for o in run.unfinished] == [0]
+    run.stop()
+    gate.set()
+    assert run.wait() is True
+    assert sorted(seen) == [0, 1, 3]  # 2 was queued behind 0 in its group: never started
+    assert [(o.item, o.attempted, o.done) for o in run.outcomes] == [
+        (0, True, True), (2, False, False), (1, True, True), (3, True, True)]

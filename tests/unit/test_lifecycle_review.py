@@ -36,10 +36,10 @@ def test_restore_domain_while_the_domain_starts_waits_for_the_start(sim, monkeyp
     remove the entries, and the start then bound the device with an empty journal."""
     real, said = Switcher.driver_for_module, []
 
-    def slow_modprobe(self, module):
+    def slow_modprobe(self, module, seconds):
         if not said:
             said.append(cli_main(["restore", "--domain", "vm1"]))  # the admin, meanwhile
-        return real(self, module)
+        return real(self, module, seconds)
 
     monkeypatch.setattr(Switcher, "driver_for_module", slow_modprobe)
     assert run_hook("vm1", "prepare", "begin", domain_xml("vm1", pci(NIC))) == 0

@@ -1,0 +1,163 @@
+"""A write that stays in the kernel past the deadline: the run answers on time, marks the
+device stuck, and finishes the job itself when the write returns.
+
+The simulator's `blocked` fault makes a write sleep until the test releases it, the way
+a driver's remove() sleeps while its users hold it; nothing the product does can end it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.unit.conftest import E1000, NIC, domain_xml, pci, run_hook, write_config
+from vfio_libvirt.cli import main as cli_main
+from vfio_libvirt.domain import Domain
+from vfio_libvirt.errors import OperationError
+from vfio_libvirt.lifecycle import Host, prepare, release
+from vfio_libvirt.settings import Settings
+
+DEADLINE = 1.0
+SLACK = 0.6  # the straggler grace (0.25 s) and a loaded CI machine
+
+
+def journal() -> dict:
+    path = Path(os.environ["VFIO_LIBVIRT_STATE_DIR"]) / "journal.json"
+    return json.loads(path.read_text())["devices"] if path.exists() else {}
+
+
+class Background:
+    """A lifecycle call in a thread, with the host's early answers recorded."""
+
+    def __init__(self, call) -> None:
+        self.host = Host(Settings.from_env())
+        self.answers: list[tuple[float, int, str]] = []
+        self.host.answer = lambda code, line: self.answers.append((time.monotonic(), code, line))
+        self.result: object = None
+        self.started = time.monotonic()
+        self.thread = threading.Thread(target=self._run, args=(call,), daemon=True)
+        self.thread.start()
+
+    def _run(self, call) -> None:
+        try:
+            self.result = call(self.host)
+        except Exception as err:  # kept for the test to look at
+            self.result = err
+
+    def first_answer(self, within: float) -> tuple[float, int, str]:
+        until = time.monotonic() + within
+        while not self.answers and time.monotonic() < until:
+            time.sleep(0.01)
+        assert self.answers, f"no answer within {within} s"
+        at, code, line = self.answers[0]
+        return at - self.started, code, line
+
+    def finish(self, within: float = 5.0) -> object:
+        self.thread.join(within)
+        assert not self.thread.is_alive(), "the run did not finish after the write returned"
+        return self.result
+
+
+@pytest.fixture
+def short(sim):
+    write_config(f'[libvirt]\nversion = "11.3.0"\n[timeouts]\nbind_seconds = {DEADLINE}\n'
+                 f"restore_seconds = {DEADLINE}\n")
+    yield sim
+    for gate in sim.faults.blocked.values():  # never leave a worker asleep past the test
+        gate.set()
+
+
+def test_prepare_answers_at_the_deadline_while_an_unbind_never_returns(short, capsys):
+    gate = short.faults.blocked[("unbind", NIC)] = threading.Event()
+    xml = domain_xml("vm1", pci(NIC))
+    run = Background(lambda host: prepare(host, Domain.from_xml(xml)))
+    took, code, line = run.first_answer(within=DEADLINE + 3)
+    assert took <= DEADLINE + SLACK and code == 1
+    assert line.startswith(f"{NIC}: unbind from virtio-pci still in the kernel after 1 s")
+    assert "marked stuck, it goes back to virtio-pci when the write returns" in line
+    assert run.thread.is_alive()  # the write has not returned: the run is still waiting
+    entry = journal()[NIC]
+    assert entry["status"] == "stuck" and "unbind from virtio-pci" in entry["error"]
+    assert entry["pid"] == os.getpid()
+
+    # while it is stuck: status shows it with its age, and the domain's release and a
+    # new start say so at once instead of waiting for the domain's lock
+    capsys.readouterr()
+    assert cli_main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(rf"^{NIC}  virtio-pci +stuck for [12] s +domain=vm1", out, re.M), out
+    cli_main(["doctor"])  # its exit code is the uninstalled hook's; the stuck device is a warning
+    out = capsys.readouterr().out
+    assert re.search(rf"\[warn\] {NIC}: stuck for [12] s: unbind from virtio-pci", out), out
+    began = time.monotonic()
+    assert run_hook("vm1", "release", "end", b"") == 1
+    assert run_hook("vm1", "prepare", "begin", xml) == 1
+    assert time.monotonic() - began < 0.5
+    err = capsys.readouterr().err
+    assert err.count(f"{NIC}: unbind from virtio-pci still in the kernel") == 2
+    assert f"pid {os.getpid()} finishes the job" in err
+
+    gate.set()  # the driver's remove() returns at last
+    result = run.finish()
+    assert isinstance(result, OperationError) and "rolled back 1 device(s)" in str(result)
+    assert short.driver_of(NIC) == "virtio-pci" and short.override_of(NIC) is None
+    assert journal() == {}
+    # the late unbind was not followed by a bind the start no longer wanted
+    assert ("sys/bus/pci/drivers_probe", NIC) in short.writes
+    assert not any(w[1].strip() == "virtio-vfio-pci" and w[0].endswith("driver_override")
+                   and i > short.writes.index(("sys/bus/pci/drivers_probe", NIC))
+                   for i, w in enumerate(short.writes))
+
+
+def test_release_answers_at_the_deadline_while_a_probe_never_returns(short):
+    assert run_hook("vm1", "prepare", "begin", domain_xml("vm1", pci(NIC))) == 0
+    assert short.driver_of(NIC) == "virtio-vfio-pci"
+    gate = short.faults.blocked[("drivers_probe", NIC)] = threading.Event()
+    run = Background(lambda host: release(host, "vm1"))
+    took, code, line = run.first_answer(within=DEADLINE + 3)
+    assert took <= DEADLINE + SLACK and code == 1
+    assert line.startswith(f"{NIC}: drivers_probe for virtio-pci still in the kernel after 1 s")
+    entry = journal()[NIC]
+    assert entry["status"] == "stuck" and entry["original_driver"] == "virtio-pci"
+    gate.set()
+    assert run.finish() == []  # restored in the end: no failure left to report
+    assert short.driver_of(NIC) == "virtio-pci" and journal() == {}
+
+
+def test_a_stuck_group_answers_for_all_and_every_group_is_rolled_back(short):
+    """NIC binds at once; the e1000e's unbind sleeps: both end on their host drivers."""
+    gate = short.faults.blocked[("unbind", E1000)] = threading.Event()
+    run = Background(lambda host: prepare(host, Domain.from_xml(domain_xml("vm1", pci(NIC), pci(E1000)))))
+    took, code, line = run.first_answer(within=DEADLINE + 3)
+    assert took <= DEADLINE + SLACK and code == 1 and line.startswith(f"{E1000}: unbind from e1000e")
+    # the run as a whole never reached "bound": the NIC stays "switching" until undone
+    assert {bdf: e["status"] for bdf, e in journal().items()} == {NIC: "switching", E1000: "stuck"}
+    assert short.driver_of(NIC) == "virtio-vfio-pci"  # its group finished in time
+    gate.set()
+    run.finish()
+    assert short.driver_of(NIC) == "virtio-pci" and short.driver_of(E1000) == "e1000e"
+    assert journal() == {}
+
+
+def test_a_modprobe_that_never_ends_is_not_waited_for(short, monkeypatch):
+    """A module init asleep in the kernel ignores SIGKILL, so wait() would hang with it."""
+    script = Path(os.environ["VFIO_LIBVIRT_SYSFS_ROOT"]) / "modprobe-hangs"
+    script.write_text("#!/bin/sh\nexec sleep 30\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("VFIO_LIBVIRT_MODPROBE", str(script))
+
+    def wait_forever(self, timeout=None):
+        time.sleep(30)
+
+    monkeypatch.setattr(subprocess.Popen, "wait", wait_forever)
+    began = time.monotonic()
+    assert run_hook("vm1", "prepare", "begin", domain_xml("vm1", pci(NIC))) == 1
+    assert time.monotonic() - began <= DEADLINE + SLACK
+    assert short.driver_of(NIC) == "virtio-pci" and journal() == {}
