@@ -89,7 +89,7 @@ def _prepare(host: Host, domain: Domain, deadline: float) -> Plan:
 
     outcomes, stuck = run_bounded(
         host, binds, _group_of, switch, deadline=deadline, budget=host.config.bind_timeout,
-        entry_of=lambda step: claimed[str(step.address)], afterwards=_goes_back,
+        entry_of=lambda step: claimed[str(step.address)], afterwards=_goes_back, stop_when_late=True,
     )
     failed = [o for o in outcomes if o.error is not None]
     if failed or stuck:  # stuck: libvirt was told the start failed; undo it all
@@ -259,7 +259,7 @@ def _rollback(
 
     run_bounded(host, list(reversed(switched)), _group_of, undo, deadline=deadline,
                 budget=host.config.restore_timeout, entry_of=lambda step: claimed[str(step.address)],
-                afterwards=_goes_back)
+                afterwards=_goes_back, stop_when_late=False)
     with host.journal.transaction() as entries:
         for key in claimed:
             current = entries.get(key)
@@ -300,7 +300,8 @@ def release(host: Host, domain_name: str) -> list[str]:
 
         host.switcher  # noqa: B018 -- built once, before the group workers share it
         run_bounded(host, entries, lambda e: _entry_group(host, e), give_back, deadline=deadline,
-                    budget=host.config.restore_timeout, entry_of=lambda e: e, afterwards=_goes_back)
+                    budget=host.config.restore_timeout, entry_of=lambda e: e, afterwards=_goes_back,
+                    stop_when_late=False)
         _forget(host, *home)  # one journal write for every device that went home
     return failures
 

@@ -34,30 +34,33 @@ waiting at the deadline themselves (a holder, a retry) and only need to record i
 def run_bounded(
     host: Host, items: Sequence[Item], group_of: Callable[[Item], Hashable],
     work: Callable[[Item], None], *, deadline: float, budget: float,
-    entry_of: Callable[[Item], Entry], afterwards: Callable[[Entry], str],
+    entry_of: Callable[[Item], Entry], afterwards: Callable[[Entry], str], stop_when_late: bool,
 ) -> tuple[list[engine.Outcome[Item]], bool]:
-    """Run `work` group by group; return the outcomes and whether any was stuck.
+    """Run `work` group by group; return the outcomes and whether the run was late.
 
-    `budget` is the deadline's length in seconds, for the message; `afterwards(entry)`
-    says what happens to a stuck device once its write returns.  When stuck, the caller
-    has been answered (exit 1) before this returns, and the outcomes are final.
+    Late: not finished at the deadline (plus GRACE for workers between writes).  Then
+    the caller has been answered (exit 1) before this returns, the unfinished devices
+    are marked stuck, and the outcomes are final.  `stop_when_late`: items not started
+    by then never start (a start that failed binds nothing more; a stop keeps going, as
+    every device must go home).  `budget` is the deadline's length, for the message;
+    `afterwards(entry)` says what happens to a stuck device once its write returns.
     """
     run = engine.start(items, group_of, work)
     if run.wait(until=deadline) or _wait_for_stragglers(host, run, entry_of, deadline + GRACE):
         run.raise_fatal()
         return run.outcomes, False
-    run.stop()  # groups queued behind a stuck device do not start now
-    stuck = [(entry_of(o.item), describe(host, entry_of(o.item), budget)) for o in run.unfinished]
-    mark_stuck(host, [(entry, why, began) for entry, (why, began) in stuck])
-    stuck = [(entry, why) for entry, (why, _) in stuck]
-    lines = [f"{entry.address}: {why}; marked stuck, {afterwards(entry)}" for entry, why in stuck]
+    if stop_when_late:
+        run.stop()
+    found = [(entry_of(o.item), *describe(host, entry_of(o.item), budget)) for o in run.unfinished]
+    mark_stuck(host, found)
+    lines = [f"{entry.address}: {why}; marked stuck, {afterwards(entry)}" for entry, why, _ in found]
     more = f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""
-    answer(host, 1, lines[0] + more if lines else "still switching at the deadline")
+    answer(host, 1, lines[0] + more if lines else f"still switching after {budget:g} s")
     for line in lines:
         log.error("%s", line)
     run.wait()  # the kernel decides how long; nobody is waiting on us any more
     run.raise_fatal()
-    for entry, _ in stuck:
+    for entry, _, _ in found:
         log.info("%s %s: the stuck write returned", entry.domain, entry.address)
     return run.outcomes, True
 
@@ -65,13 +68,14 @@ def run_bounded(
 def _wait_for_stragglers(
     host: Host, run: engine.Run[Item], entry_of: Callable[[Item], Entry], until: float,
 ) -> bool:
-    """Give workers that are between writes until `until`; True if all then finished."""
-    while time.monotonic() < until:
-        busy = run.unfinished
-        if not busy or any(entry_of(o.item).address in host.switcher.in_kernel for o in busy):
-            break
-        time.sleep(0.005)
-    return not run.unfinished and run.wait(until=time.monotonic())
+    """Give workers that are not inside a kernel write until `until`; True if all finished."""
+    while True:
+        if run.wait(until=min(until, time.monotonic() + 0.005)):
+            return True
+        if time.monotonic() >= until or any(
+            entry_of(o.item).address in host.switcher.in_kernel for o in run.unfinished
+        ):
+            return False
 
 
 def describe(host: Host, entry: Entry, budget: float) -> tuple[str, float]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.conftest import E1000, NIC, domain_xml, pci, run_hook, write_config
+from tests.unit.conftest import AUDIO_BDF, E1000, GPU_BDF, NIC, domain_xml, pci, run_hook, write_config
 from vfio_libvirt.cli import main as cli_main
 from vfio_libvirt.domain import Domain
 from vfio_libvirt.errors import OperationError
@@ -161,3 +161,21 @@ def test_a_modprobe_that_never_ends_is_not_waited_for(short, monkeypatch):
     assert run_hook("vm1", "prepare", "begin", domain_xml("vm1", pci(NIC))) == 1
     assert time.monotonic() - began <= DEADLINE + SLACK
     assert short.driver_of(NIC) == "virtio-pci" and journal() == {}
+
+
+def test_a_release_goes_on_with_the_group_behind_a_stuck_device(short):
+    """The GPU's probe sleeps; its audio function, queued behind it in IOMMU group 1,
+    still goes home once it returns: a stop leaves no device of the domain behind."""
+    xml = domain_xml("vm1", pci(GPU_BDF), pci(AUDIO_BDF))
+    assert run_hook("vm1", "prepare", "begin", xml) == 0
+    assert short.driver_of(GPU_BDF) == short.driver_of(AUDIO_BDF) == "vfio-pci"
+    first, second = sorted([GPU_BDF, AUDIO_BDF])  # a group's devices go home in journal order
+    gate = short.faults.blocked[("drivers_probe", first)] = threading.Event()
+    run = Background(lambda host: release(host, "vm1"))
+    took, code, line = run.first_answer(within=DEADLINE + 3)
+    assert took <= DEADLINE + SLACK and code == 1 and line.startswith(f"{first}: drivers_probe for")
+    assert {bdf: e["status"] for bdf, e in journal().items()} == {first: "stuck", second: "restoring"}
+    gate.set()
+    assert run.finish() == []
+    assert (short.driver_of(GPU_BDF), short.driver_of(AUDIO_BDF)) == ("nouveau", "snd_hda_intel")
+    assert journal() == {}
