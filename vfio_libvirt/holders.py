@@ -27,7 +27,8 @@ below a nested PCI device (behind a bridge) belongs to that device, not this one
 One reader caches everything host-wide, so the devices of one plan pay for it once.
 Block devices are found in `holders_block`, their mounts and swap judged in
 `holders_mounts`, probed in `holders_claim`; networks are read in `holders_net`, the
-console in `holders_display`, procfs and the small sysfs primitives in `holders_scan`.
+console in `holders_display`, what processes hold in `holders_procs`, the other procfs
+and small sysfs primitives in `holders_scan`.
 """
 
 from __future__ import annotations
@@ -46,9 +47,9 @@ from vfio_libvirt.holders_claim import claim_holders, probe_all, unexplained
 from vfio_libvirt.holders_display import FB, display_holders, firmware_framebuffers
 from vfio_libvirt.holders_mounts import MountFacts, mount_holders
 from vfio_libvirt.holders_net import IpState, interface_holders
+from vfio_libvirt.holders_procs import ProcessScan
 from vfio_libvirt.holders_scan import (
     Mount,
-    ProcessScan,
     Swap,
     link_name,
     printable,

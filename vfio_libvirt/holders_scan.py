@@ -1,11 +1,9 @@
-"""The holder reader's reading primitives: mounts, swaps, processes, sysfs attributes.
+"""The holder reader's reading primitives: mounts, swaps, process names, sysfs attributes.
 
 The procfs readings are host-wide: each is read once per `HolderReader` and shared by
-every device of a plan, because the expensive one — a walk over every process's open
-files and memory maps — costs the same whether it looks for one device node or fifty.
+every device of a plan (the dearest, the pass over every process, is `holders_procs`).
 Everything here only reads, and tolerates a tree that changes under it: a process may
-exit between the listing of /proc and the reading of its files, and is then skipped
-without a word; a missing, unreadable or garbled attribute reads as absent.
+exit before its name is read; a missing, unreadable or garbled attribute reads as absent.
 """
 
 from __future__ import annotations
@@ -17,9 +15,6 @@ from pathlib import Path
 
 _OCTAL = re.compile(r"\\([0-7]{3})")
 _MAJMIN = re.compile(r"[0-9]+:[0-9]+")
-_RESOURCE = re.compile(
-    rb"/([0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7])/(resource\d+(?:_wc)?)$", re.MULTILINE)
-_READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
@@ -168,153 +163,6 @@ def read_swaps(proc: Path) -> tuple[list[Swap], str | None]:
             continue  # the header, or garbage
         swaps.append(Swap(unescape(fields[0]), fields[1]))
     return swaps, None
-
-
-class ProcessScan:
-    """What processes hold, indexed for any device, filled by at most two passes over /proc.
-
-    Memory maps (`resource*` files of any BDF) are always needed; open files only when a
-    device has nodes to look for (a plain NIC on its host driver has none), and reading
-    every fd link is the dear part.  When a device with nodes comes first, one pass does
-    both; a later pass for fds visits only the processes the first found to be userspace.
-    The mount namespace of each userspace process (one readlink of `ns/mnt`) is read in
-    the same pass when a device has block devices: a mount may exist only in a
-    container's or a service's namespace.
-    """
-
-    def __init__(self, proc: Path) -> None:
-        self.proc = proc
-        self.error: str | None = None
-        """Why /proc could not be listed at all."""
-        self.denied: set[int] = set()
-        """Processes whose files we may not read (not running as root)."""
-        self._resources: dict[str, dict[int, set[str]]] | None = None
-        self._nodes: dict[str, set[int]] | None = None
-        self._namespaces: dict[str, list[int]] | None = None
-        self._user_pids: list[int] = []
-
-    def resources(self) -> dict[str, dict[int, set[str]]]:
-        """BDF → pid → the device's resource files it maps (`resource0`, `resource2_wc`)."""
-        if self._resources is None:
-            self._scan(fds=False, ns=False)
-        return self._resources or {}
-
-    def nodes(self) -> dict[str, set[int]]:
-        """/dev path, as readlink shows an open fd → pids."""
-        if self._nodes is None:
-            self._scan(fds=True, ns=False)
-        return self._nodes or {}
-
-    def namespaces(self) -> dict[str, list[int]]:
-        """Mount namespace (`mnt:[4026531841]`) → the userspace pids in it.  Open files
-        are indexed in the same pass: whoever asks has block devices, hence nodes."""
-        if self._namespaces is None:
-            self._scan(fds=True, ns=True)
-        return self._namespaces or {}
-
-    def _scan(self, fds: bool, ns: bool) -> None:
-        fds, ns = fds and self._nodes is None, ns and self._namespaces is None
-        if fds:
-            self._nodes = {}
-        if ns:
-            self._namespaces = {}
-        base = str(self.proc)
-        if self._resources is not None:  # maps are read: only userspace remains
-            for pid in self._user_pids:
-                self._scan_user(f"{base}/{pid}", pid, fds, ns)
-            return
-        try:
-            names = os.listdir(self.proc)
-        except OSError as err:
-            self.error = f"{self.proc}: {reason(err)}"
-            self._resources, self._nodes, self._namespaces = {}, {}, {}
-            return
-        self._resources = {}
-        for name in names:
-            if name.isdigit() and name.isascii():
-                pid = int(name)
-                if self._scan_maps(f"{base}/{name}", pid):
-                    self._user_pids.append(pid)
-                    self._scan_user(f"{base}/{name}", pid, fds, ns)
-
-    def _scan_user(self, pid_dir: str, pid: int, fds: bool, ns: bool) -> None:
-        if fds:
-            self._scan_fds(pid_dir, pid, ns)
-        elif ns:
-            self._note_namespace(pid, f"{pid_dir}/ns/mnt", None)
-
-    def _note_namespace(self, pid: int, link: str, dir_fd: int | None) -> None:
-        """Index the process by its mount namespace (the `ns/mnt` link's target)."""
-        try:
-            mnt = os.readlink(link, dir_fd=dir_fd)
-        except OSError:
-            return  # exited, or not ours to inspect (counted by the maps already)
-        if self._namespaces is not None:
-            pids = self._namespaces.get(mnt)
-            if pids is None:
-                self._namespaces[mnt] = [pid]
-            else:
-                pids.append(pid)
-
-    def _scan_maps(self, pid_dir: str, pid: int) -> bool:
-        """Index the process's resource mappings; False for a kernel thread (no memory map)."""
-        try:
-            fd = os.open(f"{pid_dir}/maps", _READ_FLAGS)
-        except PermissionError:
-            self.denied.add(pid)
-            return True
-        except OSError:
-            return True  # gone (its fd directory will say so), or a tree without maps
-        try:
-            maps = _read_all(fd)
-        except OSError:
-            return True  # exited while we read
-        finally:
-            os.close(fd)
-        if not maps:
-            return False  # a kernel thread (or a zombie): no memory, no files
-        if b"/resource" in maps and self._resources is not None:
-            for bdf, resource in _RESOURCE.findall(maps):
-                self._resources.setdefault(bdf.decode(), {}).setdefault(pid, set()).add(
-                    resource.decode())
-        return True
-
-    def _scan_fds(self, pid_dir: str, pid: int, ns: bool) -> None:
-        """Index the process's open /dev nodes; and its namespace (`ns`), read relative to
-        the open fd directory, which costs a third of a walk from /proc."""
-        try:
-            dir_fd = os.open(f"{pid_dir}/fd", _DIR_FLAGS)
-        except PermissionError:
-            self.denied.add(pid)
-            return
-        except OSError:
-            return  # exited since /proc was listed
-        nodes = self._nodes if self._nodes is not None else {}
-        try:
-            for fd in os.listdir(dir_fd):
-                try:
-                    target = os.readlink(fd, dir_fd=dir_fd)
-                except OSError:
-                    continue  # closed meanwhile, or the process exited
-                if target.startswith("/dev/"):
-                    holders = nodes.get(target)
-                    if holders is None:
-                        nodes[target] = {pid}
-                    else:
-                        holders.add(pid)
-            if ns:
-                self._note_namespace(pid, "../ns/mnt", dir_fd)
-        except OSError:
-            pass  # the directory went away under us
-        finally:
-            os.close(dir_fd)
-
-
-def _read_all(fd: int) -> bytes:
-    chunks = []
-    while chunk := os.read(fd, 1 << 16):
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def process_name(proc: Path, pid: int) -> str | None:

@@ -21,10 +21,11 @@ from tests.support.simhost import (
     resource_path,
 )
 from tests.support.simkernel import SimKernel
-from vfio_libvirt import holders_net, holders_scan
+from vfio_libvirt import holders_net, holders_procs
 from vfio_libvirt.errors import InputError
 from vfio_libvirt.holders import DeviceHolders, Holder, HolderReader
-from vfio_libvirt.holders_scan import ProcessScan, parse_mountinfo, unescape
+from vfio_libvirt.holders_procs import Found
+from vfio_libvirt.holders_scan import parse_mountinfo, unescape
 from vfio_libvirt.pci import PciAddress
 
 DISK = "0000:03:00.0"
@@ -498,14 +499,14 @@ def test_a_process_vanishing_between_listing_and_reading_is_skipped(host, monkey
     host.nvme(DISK)
     host.process(100, "gone", fds=("/dev/nvme0n1",), maps=(resource_path(DISK),))
     host.process(101, "stays", fds=("/dev/nvme0n1",))
-    scan_maps = ProcessScan._scan_maps
+    read_maps = Found.read_maps
 
-    def exit_first(scan, pid_dir, pid):
+    def exit_first(found, pid_dir, pid):
         if pid == 100:
             shutil.rmtree(pid_dir)  # exits after /proc was listed
-        return scan_maps(scan, pid_dir, pid)
+        return read_maps(found, pid_dir, pid)
 
-    monkeypatch.setattr(ProcessScan, "_scan_maps", exit_first)
+    monkeypatch.setattr(Found, "read_maps", exit_first)
     assert lines(read(host, DISK)) == [("in_use", "process", "101 (stays) has /dev/nvme0n1 open")]
 
 
@@ -522,7 +523,7 @@ def test_a_process_vanishing_between_its_fd_listing_and_readlink_is_skipped(host
             shutil.rmtree(gone)
         return readlink(path, dir_fd=dir_fd)
 
-    monkeypatch.setattr(holders_scan.os, "readlink", exit_midway)
+    monkeypatch.setattr(holders_procs.os, "readlink", exit_midway)
     assert lines(read(host, DISK)) == [("in_use", "process", "101 (stays) has /dev/nvme0n1 open")]
     assert not os.path.exists(gone)
 
@@ -542,9 +543,9 @@ def test_one_reader_scans_proc_once_for_many_devices(host, monkeypatch):
     for pid in range(100, 110):
         host.process(pid, f"p{pid}", fds=("/dev/null",))
     calls = []
-    scan_maps = ProcessScan._scan_maps
-    monkeypatch.setattr(ProcessScan, "_scan_maps",
-                        lambda scan, d, pid: calls.append(pid) or scan_maps(scan, d, pid))
+    read_maps = Found.read_maps
+    monkeypatch.setattr(Found, "read_maps",
+                        lambda found, d, pid: calls.append(pid) or read_maps(found, d, pid))
     reader = HolderReader(host.root, host.ip_command())
     for bdf in (DISK, GPU, NIC, DISK):
         read(host, bdf, reader)
@@ -561,7 +562,7 @@ def test_processes_we_may_not_inspect_are_an_in_use_unknown(host, monkeypatch):
             raise PermissionError(13, "Permission denied", path)
         return os_open(path, flags, *args, **kwargs)
 
-    monkeypatch.setattr(holders_scan.os, "open", denied)
+    monkeypatch.setattr(holders_procs.os, "open", denied)
     assert lines(read(host, DISK)) == [
         ("in_use", "unknown", "1 process could not be inspected (permission denied; run as root to see all)")]
 

@@ -16,7 +16,7 @@ import pytest
 
 from tests.support.simhost import NVME, VIRTIO_NET, SimHost, holder_lines, read_holders
 from tests.support.simkernel import SimKernel
-from vfio_libvirt import holders_claim, holders_scan
+from vfio_libvirt import holders_claim, holders_procs, holders_scan
 from vfio_libvirt.holders import HolderReader
 
 DISK = "0000:03:00.0"
@@ -300,8 +300,8 @@ def test_namespaces_are_not_read_when_the_probe_finds_every_device_free(host, mo
     host.dev_node("nvme0n1p1")
     host.process(555, "postgres", mnt_ns="mnt:[4026532999]")
     asked = []
-    namespaces = holders_scan.ProcessScan.namespaces
-    monkeypatch.setattr(holders_scan.ProcessScan, "namespaces",
+    namespaces = holders_procs.ProcessScan.namespaces
+    monkeypatch.setattr(holders_procs.ProcessScan, "namespaces",
                         lambda scan: asked.append(1) or namespaces(scan))
     assert read(host, DISK).holders == ()
     assert asked == []
