@@ -42,8 +42,8 @@ from pathlib import Path
 from typing import Any
 
 MAX_WORKERS = 4
-"""Enough to take most of the pass off one CPU; more would be measured first (only
-2 CPUs were)."""
+"""Workers at most, however many CPUs: only 2 CPUs were measured (2 workers nearly halve
+the pass there, a third gains nothing), so a larger host gets a modest share, not all."""
 PARALLEL_FROM = 256
 """Processes below which one process reads them all: a fork costs more than it saves."""
 WORKER_SECONDS = 120
