@@ -40,8 +40,9 @@ class NotYet(Exception):
 
 
 class TooLate(OperationError):
-    """A bind whose deadline passed mid-way (a write came back late): the start has been
-    answered as failed already, so binding the device now would only have to be undone."""
+    """A bind past its deadline writes nothing more: the start has failed (libvirt may
+    have been told so already), and every further write would only have to be undone,
+    a host NIC dropping its link for nothing."""
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -51,9 +52,12 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def retrying(seconds: float, sleep: Callable[[float], None] = time.sleep) -> Retrying:
+    """Backoff never sleeps past the deadline: a worker asleep there would be reported late."""
+    deadline = time.monotonic() + seconds
+    backoff = wait_exponential(multiplier=0.01, max=0.5)
     return Retrying(
         stop=stop_after_delay(seconds),
-        wait=wait_exponential(multiplier=0.01, max=0.5),
+        wait=lambda state: min(backoff(state), max(0.0, deadline - time.monotonic())),
         retry=retry_if_exception(is_transient),
         reraise=True,
         sleep=sleep,
@@ -74,6 +78,9 @@ class Switcher:
         self.modprobe = list(modprobe)
         self.in_kernel: dict[str, tuple[str, float]] = {}
         """BDF -> (the write it is in, monotonic start) while a worker is inside it."""
+        self.holders_seen: dict[str, dict[int, str]] = {}
+        """BDF -> the VFIO holders (pid -> comm) last seen before its unbind, to say what
+        held a device whose unbind got stuck without scanning /proc again."""
 
     def driver_for_module(self, module: str, seconds: float = 60.0) -> str:
         """Load `module` if needed (within `seconds`) and return the PCI driver name it registers.
@@ -116,7 +123,10 @@ class Switcher:
             raise OperationError(f"modprobe {module} failed" + (f": {detail[-1]}" if detail else ""))
 
     @contextmanager
-    def _writing(self, address: PciAddress, what: str) -> Iterator[None]:
+    def _writing(self, address: PciAddress, what: str, until: float | None) -> Iterator[None]:
+        """Mark `address` as inside `what`; `until`: refuse to start it past that time."""
+        if until is not None and time.monotonic() > until:
+            raise TooLate(f"the deadline passed before {what}; not written")
         key = str(address)
         self.in_kernel[key] = (what, time.monotonic())
         try:
@@ -127,9 +137,18 @@ class Switcher:
     def bind(self, address: PciAddress, driver: str, seconds: float) -> None:
         """Make `driver` (and only it) drive the device, within `seconds`."""
         deadline = time.monotonic() + seconds
+        last: Exception | None = None
         for attempt in retrying(seconds):
             with attempt:
-                self._bind_once(address, driver, deadline)
+                try:
+                    self._bind_once(address, driver, deadline)
+                except TooLate:
+                    if last is not None:  # out of time while retrying: say what kept failing
+                        raise last from None
+                    raise
+                except Exception as err:
+                    last = err
+                    raise
 
     def restore(
         self, address: PciAddress, driver: str | None, override: str | None, seconds: float
@@ -152,13 +171,10 @@ class Switcher:
         sysfs = self.sysfs
         current = sysfs.driver(address)
         if current != driver:
-            began = time.monotonic()
-            self._release_current(address, current, pin=driver, deadline=deadline)
-            if current is not None and began <= deadline < time.monotonic():
-                raise TooLate(f"unbind from {current} returned after the deadline; not binding {driver}")
-            self._probe_for(address, driver)
+            self._release_current(address, current, pin=driver, deadline=deadline, strict=True)
+            self._probe_for(address, driver, until=deadline)
         if sysfs.driver_override(address) != driver:
-            with self._writing(address, "driver_override"):
+            with self._writing(address, "driver_override", until=deadline):
                 sysfs.set_driver_override(address, driver)
 
     def _restore_once(
@@ -171,39 +187,45 @@ class Switcher:
                 # unbinding now would strand the device: wait for the driver to come back
                 raise NotYet(f"its original driver {driver} is not loaded")
             self._release_current(address, current, pin=driver if driver is not None else override,
-                                  deadline=deadline)
+                                  deadline=deadline, strict=False)
             if driver is not None:
-                self._probe_for(address, driver)
+                self._probe_for(address, driver, until=None)
         if sysfs.driver_override(address) != override:
-            with self._writing(address, "driver_override"):
+            with self._writing(address, "driver_override", until=None):
                 sysfs.set_driver_override(address, override)
 
-    def _probe_for(self, address: PciAddress, driver: str) -> None:
+    def _probe_for(self, address: PciAddress, driver: str, until: float | None) -> None:
         """Probe, and check `driver` took it: drivers_probe reports success even when nothing bound."""
-        with self._writing(address, f"drivers_probe for {driver}"):
+        with self._writing(address, f"drivers_probe for {driver}", until):
             self.sysfs.probe(address)
         now = self.sysfs.driver(address)
         if now != driver:
             raise NotYet(f"{driver} did not bind (driver now {now or 'none'})")
 
     def _release_current(
-        self, address: PciAddress, current: str | None, *, pin: str | None, deadline: float
+        self, address: PciAddress, current: str | None, *, pin: str | None, deadline: float,
+        strict: bool,
     ) -> None:
         """Pin the override to `pin`, then unbind `current`; holders are checked before any write.
 
         Unbinding a VFIO device that a process still holds blocks in the kernel until it
         lets go, so a held device is a reason to wait, and nothing is written meanwhile.
+        `strict`: write nothing once the deadline has passed (a bind; a restore goes on).
         """
         sysfs = self.sysfs
-        if current is not None and (holders := sysfs.vfio_holder_pids(address)):
-            self._wait_for(address, holders, deadline)
-            if holders := sysfs.vfio_holder_pids(address):  # a new holder may have come
+        until = deadline if strict else None
+        if current is not None:
+            if holders := sysfs.vfio_holder_pids(address):
+                self._wait_for(address, holders, deadline)
+                holders = sysfs.vfio_holder_pids(address)  # a new holder may have come
+            self.holders_seen[str(address)] = holders
+            if holders:
                 raise NotYet("still held open by " + ", ".join(f"{p} ({c})" for p, c in holders.items()))
         if sysfs.driver_override(address) != pin:
-            with self._writing(address, "driver_override"):
+            with self._writing(address, "driver_override", until):
                 sysfs.set_driver_override(address, pin)
         if current is not None:
-            with self._writing(address, f"unbind from {current}"):
+            with self._writing(address, f"unbind from {current}", until):
                 sysfs.unbind(address)
             if sysfs.driver(address) is not None:
                 raise NotYet(f"{current} did not let go")

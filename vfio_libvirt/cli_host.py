@@ -89,6 +89,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
             "status": entry.status if entry else "not in journal",
             "error": entry.error if entry else "",
             "age_seconds": round(time.time() - entry.updated, 1) if entry else None,
+            "worked_on": host.domain_locks.busy(entry.domain) if entry and entry.in_flight else None,
         })
     drifted = drift(host)
     if args.json:
@@ -101,8 +102,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         owner = row["domain"] or "-"
         running = f"  running in {row['libvirt_domain']}" if row["libvirt_domain"] else ""
         status = row["status"]
-        if status == "stuck":  # how long the kernel has kept the write
-            status += f" for {row['age_seconds']:.0f} s"
+        if status == "stuck":  # how long the kernel has kept the write, and is anyone waiting
+            status += f" for {row['age_seconds']:.0f} s" + ("" if row["worked_on"] else ", abandoned")
         print(f"{row['address']}  {row['driver'] or '(none)':<18} {status:<15} "
               f"domain={owner}  original={row['original_driver'] or '-'}{running}"
               + (f"  error: {row['error']}" if row["error"] else ""))

@@ -248,14 +248,26 @@ def _rollback(
     host: Host, domain: str, claimed: dict[str, Entry], before: dict[str, Entry | None],
     switched: list[Step],
 ) -> int:
-    """Undo this run and nothing else: devices back to how it found them, entries too."""
+    """Undo this run and nothing else: devices back to how it found them, entries too.
+
+    A device that could not go back keeps the entry its restore wrote (restore-failed,
+    with the reason): that is decided by the outcome, not by re-reading a status
+    another writer may have changed meanwhile.
+    """
     deadline = time.monotonic() + host.config.restore_timeout
     undone: list[Step] = []
+    stranded: set[str] = set()
 
     def undo(step: Step) -> None:
-        entry = claimed[str(step.address)]
-        if _restore_entry(host, entry, step.original_driver, step.original_override, deadline):
-            undone.append(step)
+        home = False
+        try:
+            home = _restore_entry(host, claimed[str(step.address)], step.original_driver,
+                                  step.original_override, deadline)
+        finally:
+            if home:
+                undone.append(step)
+            else:
+                stranded.add(str(step.address))
 
     run_bounded(host, list(reversed(switched)), _group_of, undo, deadline=deadline,
                 budget=host.config.restore_timeout, entry_of=lambda step: claimed[str(step.address)],
@@ -263,7 +275,7 @@ def _rollback(
     with host.journal.transaction() as entries:
         for key in claimed:
             current = entries.get(key)
-            if current is None or current.domain != domain or current.status == "restore-failed":
+            if current is None or current.domain != domain or key in stranded:
                 continue
             if (older := before[key]) is None:
                 del entries[key]

@@ -146,13 +146,13 @@ class Journal:
         return Snapshot(dict(loaded), dict(loaded.blocked), loaded.problems)
 
     @contextmanager
-    def transaction(self) -> Iterator[Entries]:
+    def transaction(self, lock_timeout: float | None = None) -> Iterator[Entries]:
         """Yield the entries (by BDF) to change in place; saved atomically on a clean exit.
 
         An unreadable journal file is first set aside (never overwritten), and the
         transaction starts from an empty journal whose `blocked` names its devices.
         """
-        with self._lock(exclusive=True):
+        with self._lock(exclusive=True, timeout=lock_timeout):
             entries = self._load(set_aside=True)
             before = _serialise(entries)
             yield entries
@@ -216,11 +216,15 @@ class Journal:
 
     def _save(self, entries: Entries) -> None:
         tmp = self.dir / f".{JOURNAL}.{os.getpid()}.tmp"
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
-            f.write(_serialise(entries).encode())  # a file object writes it all, a bare write may not
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        try:
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+                f.write(_serialise(entries).encode())  # a file object writes it all, a bare write may not
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk must not fill up further with our leftovers
+            raise
         _fsync_dir(self.dir)
 
 

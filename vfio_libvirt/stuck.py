@@ -15,9 +15,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Hashable, Sequence
+from dataclasses import replace
 from typing import TypeVar
 
 from vfio_libvirt import engine
+from vfio_libvirt.apply import describe as describe_error
 from vfio_libvirt.host import Host
 from vfio_libvirt.pci import PciAddress
 from vfio_libvirt.state import Entry
@@ -26,6 +28,8 @@ log = logging.getLogger("vfio_libvirt")
 
 Item = TypeVar("Item")
 
+STUCK_LOCK_SECONDS = 1.0
+"""How long marking devices stuck may wait for the journal lock before answering anyway."""
 GRACE = 0.25
 """Seconds past the deadline for workers that are not inside a kernel write: they stop
 waiting at the deadline themselves (a holder, a retry) and only need to record it."""
@@ -39,28 +43,35 @@ def run_bounded(
     """Run `work` group by group; return the outcomes and whether the run was late.
 
     Late: not finished at the deadline (plus GRACE for workers between writes).  Then
-    the caller has been answered (exit 1) before this returns, the unfinished devices
-    are marked stuck, and the outcomes are final.  `stop_when_late`: items not started
-    by then never start (a start that failed binds nothing more; a stop keeps going, as
-    every device must go home).  `budget` is the deadline's length, for the message;
-    `afterwards(entry)` says what happens to a stuck device once its write returns.
+    the caller has been answered (exit 1) before this returns, the devices whose write
+    is in the kernel are marked stuck, and the outcomes are final.  `stop_when_late`:
+    items not started by then never start (a start that failed binds nothing more; a
+    stop keeps going, as every device must go home).  `budget` is the deadline's length,
+    for the message; `afterwards(entry)` says what happens to a stuck device later.
     """
     run = engine.start(items, group_of, work)
     if run.wait(until=deadline) or _wait_for_stragglers(host, run, entry_of, deadline + GRACE):
         run.raise_fatal()
         return run.outcomes, False
-    if stop_when_late:
-        run.stop()
-    found = [(entry_of(o.item), *describe(host, entry_of(o.item), budget)) for o in run.unfinished]
-    mark_stuck(host, found)
-    lines = [f"{entry.address}: {why}; marked stuck, {afterwards(entry)}" for entry, why, _ in found]
-    more = f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""
-    answer(host, 1, lines[0] + more if lines else f"still switching after {budget:g} s")
-    for line in lines:
-        log.error("%s", line)
-    run.wait()  # the kernel decides how long; nobody is waiting on us any more
+    try:
+        if stop_when_late:
+            run.stop()
+        found = _in_kernel(host, run, entry_of)
+        lines = [f"{entry.address}: {why}; marked stuck, {afterwards(entry)}" for _, entry, why, _ in found]
+        try:
+            mark_stuck(host, found)
+        except Exception as err:  # a full /run, a held lock: still answer, still finish
+            lines = [line.replace("; marked stuck,", ";") for line in lines]
+            lines.append(f"the journal could not record it ({describe_error(err)})")
+        more = f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""
+        answer(host, 1, lines[0] + more if lines else
+               f"still switching after {budget:g} s; finishing in the background")
+        for line in lines:
+            log.error("%s", line)
+    finally:
+        run.wait()  # the kernel decides how long; never leave a worker inside a write
     run.raise_fatal()
-    for entry, _, _ in found:
+    for _, entry, _, _ in found:
         log.info("%s %s: the stuck write returned", entry.domain, entry.address)
     return run.outcomes, True
 
@@ -78,37 +89,53 @@ def _wait_for_stragglers(
             return False
 
 
-def describe(host: Host, entry: Entry, budget: float) -> tuple[str, float]:
-    """('unbind from e1000e still in the kernel after 3 s (held by …)', when it began)."""
-    what, since = host.switcher.in_kernel.get(entry.address, ("its switch", time.monotonic() - budget))
-    held = _holders(host, PciAddress.parse(entry.address))
-    seconds = time.monotonic() - since
-    why = (f"{what} still in the kernel after {seconds:.0f} s "
-           f"({'held by ' + ', '.join(held) if held else 'nothing known holds it'})")
-    return why, time.time() - seconds
+Stuck = tuple[engine.Outcome[Item], Entry, str, float]
+"""(outcome, its entry, 'unbind from X still in the kernel after N s (…)', wall time it began)"""
 
 
-def _holders(host: Host, address: PciAddress) -> list[str]:
-    """What holds the device, from what this run already knows: nothing slow, nothing new."""
-    try:
-        found = host.sysfs.vfio_holders(address)
-    except OSError:
-        found = []
-    known = host.known_holders(address)
-    return found + [str(h) for h in known.holders] if known is not None else found
+def _in_kernel(host: Host, run: engine.Run[Item], entry_of: Callable[[Item], Entry]) -> list[Stuck]:
+    """The unfinished items whose worker is inside a kernel write now, described."""
+    found = []
+    for outcome in run.unfinished:
+        entry = entry_of(outcome.item)
+        inside = host.switcher.in_kernel.get(entry.address)
+        if inside is None:
+            continue  # between writes: it stops at the deadline by itself
+        what, since = inside
+        seconds = time.monotonic() - since
+        held = _holders(host, entry.address)
+        why = (f"{what} still in the kernel after {seconds:.0f} s "
+               f"({'held by ' + ', '.join(held) if held else 'nothing known holds it'})")
+        found.append((outcome, entry, why, time.time() - seconds))
+    return found
 
 
-def mark_stuck(host: Host, stuck: list[tuple[Entry, str, float]]) -> None:
-    """Record each (entry, why, when its write began): `updated` is when the write began,
-    so the age `status` shows is how long the kernel has kept it."""
-    with host.journal.transaction() as journal:
-        for entry, why, began in stuck:
+def _holders(host: Host, address: str) -> list[str]:
+    """What holds the device, from what this run already knows: no /proc scan now."""
+    seen = host.switcher.holders_seen.get(address, {})
+    known = host.known_holders(PciAddress.parse(address))
+    return [f"{pid} ({comm})" for pid, comm in seen.items()] + (
+        [str(h) for h in known.holders] if known is not None else [])
+
+
+def mark_stuck(host: Host, found: list[Stuck]) -> None:
+    """Record each device as stuck, unless its worker has finished meanwhile.
+
+    The worker owns its Entry object and writes its own outcome (restore-failed, say):
+    this writes a copy, under the journal lock, and never over a worker that is done or
+    over restore-failed.  `updated` is when the write began, so `status` shows how long
+    the kernel has kept it.  The lock wait is short: libvirt is waiting for an answer.
+    """
+    with host.journal.transaction(lock_timeout=STUCK_LOCK_SECONDS) as journal:
+        for outcome, entry, why, began in found:
             current = journal.get(entry.address)
-            if current is not None and current.domain != entry.domain:
+            if (outcome.done or current is None or current.domain != entry.domain
+                    or current.status == "restore-failed"):
                 continue
-            entry.touch("stuck", why)
-            entry.updated = began
-            journal[entry.address] = entry
+            marked = replace(current)
+            marked.touch("stuck", why)
+            marked.updated = began
+            journal[entry.address] = marked
 
 
 def answer(host: Host, code: int, message: str) -> None:

@@ -42,6 +42,8 @@ def test_restore_domain_while_the_domain_starts_waits_for_the_start(sim, monkeyp
         return real(self, module, seconds)
 
     monkeypatch.setattr(Switcher, "driver_for_module", slow_modprobe)
+    # the admin's restore waits restore_seconds for the domain lock: leave the start time
+    write_config('[libvirt]\nversion = "11.3.0"\n[timeouts]\nbind_seconds = 6\nrestore_seconds = 2\n')
     assert run_hook("vm1", "prepare", "begin", domain_xml("vm1", pci(NIC))) == 0
     assert said == [1]
     assert "domain vm1 is being prepared or restored by another run" in capsys.readouterr().err

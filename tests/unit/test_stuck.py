@@ -179,3 +179,79 @@ def test_a_release_goes_on_with_the_group_behind_a_stuck_device(short):
     assert run.finish() == []
     assert (short.driver_of(GPU_BDF), short.driver_of(AUDIO_BDF)) == ("nouveau", "snd_hda_intel")
     assert journal() == {}
+
+
+def test_a_journal_that_cannot_be_written_at_the_deadline_still_gets_an_answer_and_a_restore(
+        short, monkeypatch):
+    """A full /run (or a held lock) when the device should be marked stuck: libvirt is still
+    answered, and the run still waits for the write and puts the device back."""
+    from vfio_libvirt import stuck
+
+    def full_disk(host, found):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(stuck, "mark_stuck", full_disk)
+    gate = short.faults.blocked[("unbind", NIC)] = threading.Event()
+    run = Background(lambda host: prepare(host, Domain.from_xml(domain_xml("vm1", pci(NIC)))))
+    took, code, line = run.first_answer(within=DEADLINE + 3)
+    assert took <= DEADLINE + SLACK and code == 1
+    assert line.startswith(f"{NIC}: unbind from virtio-pci still in the kernel after 1 s")
+    assert "marked stuck" not in line and "(and 1 more)" in line
+    assert run.thread.is_alive()
+    gate.set()
+    run.finish()
+    assert short.driver_of(NIC) == "virtio-pci" and journal() == {}
+
+
+def test_marking_stuck_never_overwrites_a_worker_that_finished_meanwhile(short):
+    """The worker owns its entry: one that came back and wrote restore-failed (or is done)
+    keeps what it wrote; only a worker still inside its write is marked stuck."""
+    from dataclasses import replace
+
+    from vfio_libvirt.engine import Outcome
+    from vfio_libvirt.stuck import mark_stuck
+
+    assert run_hook("vm1", "prepare", "begin", domain_xml("vm1", pci(NIC), pci(E1000))) == 0
+    host = Host(Settings.from_env())
+    entries = host.journal.read().entries
+    failed = replace(entries[NIC])
+    failed.touch("restore-failed", "virtio-pci did not bind; kept on virtio-vfio-pci")
+    with host.journal.transaction() as current:
+        current[NIC] = failed
+    busy, done = Outcome(entries[E1000]), Outcome(entries[NIC], attempted=True, done=True)
+    busy.attempted = True
+    mark_stuck(host, [(Outcome(entries[NIC], attempted=True), entries[NIC], "unbind …", time.time()),
+                      (done, entries[NIC], "unbind …", time.time()),
+                      (busy, entries[E1000], "unbind from vfio-pci …", time.time() - 5)])
+    after = journal()
+    assert after[NIC]["status"] == "restore-failed" and "kept on" in after[NIC]["error"]
+    assert after[E1000]["status"] == "stuck" and time.time() - after[E1000]["updated"] >= 5
+    assert entries[E1000].status == "bound"  # the worker's own object is left alone
+
+
+def test_a_start_with_no_time_left_writes_nothing(short):
+    """Its budget went on waiting (for a lock, another domain): a bind past the deadline
+    must not unbind a host NIC for a start that has already failed."""
+    from vfio_libvirt.apply import Switcher, TooLate
+    from vfio_libvirt.pci import PciAddress
+    from vfio_libvirt.sysfs import Sysfs
+
+    switcher = Switcher(Sysfs(Path(os.environ["VFIO_LIBVIRT_SYSFS_ROOT"])), [])
+    writes = len(short.writes)
+    with pytest.raises(TooLate, match="the deadline passed before driver_override; not written"):
+        switcher.bind(PciAddress.parse(NIC), "virtio-vfio-pci", 0.0)
+    assert len(short.writes) == writes and short.driver_of(NIC) == "virtio-pci"
+
+
+def test_retries_that_run_out_of_time_report_what_kept_failing(short):
+    from vfio_libvirt.apply import Switcher
+    from vfio_libvirt.pci import PciAddress
+    from vfio_libvirt.sysfs import Sysfs
+
+    short.faults.probe_binds_nothing[E1000] = -1
+    switcher = Switcher(Sysfs(Path(os.environ["VFIO_LIBVIRT_SYSFS_ROOT"])), [])
+    began = time.monotonic()
+    with pytest.raises(Exception, match="vfio-pci did not bind") as caught:
+        switcher.bind(PciAddress.parse(E1000), "vfio-pci", 0.5)
+    assert time.monotonic() - began < 0.5 + 0.1  # no backoff sleep past the deadline
+    assert type(caught.value).__name__ == "NotYet"
