@@ -30,6 +30,10 @@ from vfio_libvirt.sysfs import Sysfs
 _TRANSIENT_ERRNOS = {errno.EBUSY, errno.EAGAIN, errno.EINTR}
 
 
+LATE_GRACE = 0.25
+"""Seconds past its deadline a bind may still start a write: a run is declared late
+only then (stuck.py), so a write that merely spans the deadline is not 'stuck'."""
+
 HOLDER_POLL = 0.005
 """Seconds between looks at known holders: a few readlinks, so a restore starts within
 milliseconds of QEMU letting go, not after a backoff step."""
@@ -125,7 +129,7 @@ class Switcher:
     @contextmanager
     def _writing(self, address: PciAddress, what: str, until: float | None) -> Iterator[None]:
         """Mark `address` as inside `what`; `until`: refuse to start it past that time."""
-        if until is not None and time.monotonic() > until:
+        if until is not None and time.monotonic() > until + LATE_GRACE:
             raise TooLate(f"the deadline passed before {what}; not written")
         key = str(address)
         self.in_kernel[key] = (what, time.monotonic())

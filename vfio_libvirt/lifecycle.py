@@ -20,6 +20,7 @@ from vfio_libvirt.errors import OperationError
 from vfio_libvirt.host import Host, make_plan
 from vfio_libvirt.pci import PciAddress
 from vfio_libvirt.plan import Plan, Step
+from vfio_libvirt.restore import forget, left, restore_device, restore_entry
 from vfio_libvirt.state import Entries, Entry
 from vfio_libvirt.stuck import refuse_if_stuck, run_bounded
 
@@ -67,12 +68,18 @@ def _prepare(host: Host, domain: Domain, deadline: float) -> Plan:
         if module in drivers:
             continue
         try:
-            drivers[module] = host.switcher.driver_for_module(module, _left(deadline))
+            drivers[module] = host.switcher.driver_for_module(module, left(deadline))
         except Exception as err:
             log.error("%s %s: bind to %s failed: %s", domain.name, step.address, module, describe(err))
             _rollback(host, domain.name, claimed, before, [])
             raise OperationError(f"{step.address}: cannot bind {module}: {describe(err)}; "
                                  "nothing was switched") from None
+    if time.monotonic() >= deadline:  # the budget went on waiting: switch nothing now
+        _rollback(host, domain.name, claimed, before, [])
+        raise OperationError(
+            f"bind_seconds ({host.config.bind_timeout:g} s) used up before any device was switched "
+            "(waiting for the domain's lock, another domain's devices, the holder check or modprobe); "
+            "nothing was switched")
     for step in binds:
         claimed[str(step.address)].target_driver = drivers[step.module or ""]
     # one journal write says every device may now be touched; the workers only write sysfs
@@ -80,7 +87,7 @@ def _prepare(host: Host, domain: Domain, deadline: float) -> Plan:
 
     def switch(step: Step) -> None:
         try:
-            host.switcher.bind(step.address, drivers[step.module or ""], _left(deadline))
+            host.switcher.bind(step.address, drivers[step.module or ""], left(deadline))
         except Exception as err:
             log.error("%s %s: bind to %s failed: %s", domain.name, step.address, step.module, describe(err))
             raise
@@ -128,16 +135,12 @@ def _journal_statuses(host: Host, entries: list[Entry], status: str) -> None:
 
 
 def _goes_back(entry: Entry) -> str:
-    return f"it goes back to {entry.original_driver or 'no driver'} when the write returns"
+    return (f"it is sent back to {entry.original_driver or 'no driver'} when the write returns "
+            "(or kept on its VFIO driver, marked restore-failed, if that fails)")
 
 
 def _group_of(step: Step) -> str:
     return step.iommu_group or str(step.address)  # no IOMMU group: a group of its own
-
-
-def _left(deadline: float) -> float:
-    """Seconds left before `deadline`; zero still buys one attempt (tenacity tries once)."""
-    return max(0.0, deadline - time.monotonic())
 
 
 def _plan_and_claim(
@@ -233,17 +236,6 @@ def _claim(entries: Entries, domain: Domain, plan: Plan) -> dict[str, Entry]:
     return claimed
 
 
-def _journal_status(host: Host, entry: Entry, status: str, error: str = "") -> bool:
-    """Record `entry` with a new status, unless it is no longer this domain's to record."""
-    entry.touch(status, error)  # type: ignore[arg-type]
-    with host.journal.transaction() as entries:
-        current = entries.get(entry.address)
-        if current is None or current.domain != entry.domain:
-            return False
-        entries[entry.address] = entry
-    return True
-
-
 def _rollback(
     host: Host, domain: str, claimed: dict[str, Entry], before: dict[str, Entry | None],
     switched: list[Step],
@@ -256,22 +248,20 @@ def _rollback(
     """
     deadline = time.monotonic() + host.config.restore_timeout
     undone: list[Step] = []
-    stranded: set[str] = set()
 
     def undo(step: Step) -> None:
-        home = False
+        # caught here, so one device's trouble never stops the rest of its group going home
         try:
-            home = _restore_entry(host, claimed[str(step.address)], step.original_driver,
-                                  step.original_override, deadline)
-        finally:
-            if home:
+            if restore_entry(host, claimed[str(step.address)], step.original_driver,
+                             step.original_override, deadline):
                 undone.append(step)
-            else:
-                stranded.add(str(step.address))
+        except Exception as err:
+            log.error("%s %s: rollback failed: %s", domain, step.address, describe(err))
 
     run_bounded(host, list(reversed(switched)), _group_of, undo, deadline=deadline,
                 budget=host.config.restore_timeout, entry_of=lambda step: claimed[str(step.address)],
                 afterwards=_goes_back, stop_when_late=False)
+    stranded = {str(s.address) for s in switched} - {str(s.address) for s in undone}
     with host.journal.transaction() as entries:
         for key in claimed:
             current = entries.get(key)
@@ -304,17 +294,26 @@ def release(host: Host, domain_name: str) -> list[str]:
         home = [e for e in snapshot.for_domain(domain_name) if e.role == "keep"]
 
         def give_back(entry: Entry) -> None:
-            if _restore_entry(host, entry, entry.original_driver, entry.original_override, deadline,
-                              marked=True):
+            # caught here, so one device's trouble never stops the rest of its group going home
+            try:
+                went_home = restore_entry(host, entry, entry.original_driver, entry.original_override,
+                                          deadline, marked=True)
+            except Exception as err:
+                failures.append(f"{entry.address}: {describe(err)}")
+                return
+            if went_home:
                 home.append(entry)
             else:
                 failures.append(f"{entry.address}: {entry.error}")
 
         host.switcher  # noqa: B018 -- built once, before the group workers share it
-        run_bounded(host, entries, lambda e: _entry_group(host, e), give_back, deadline=deadline,
-                    budget=host.config.restore_timeout, entry_of=lambda e: e, afterwards=_goes_back,
-                    stop_when_late=False)
-        _forget(host, *home)  # one journal write for every device that went home
+        outcomes, _ = run_bounded(
+            host, entries, lambda e: _entry_group(host, e), give_back, deadline=deadline,
+            budget=host.config.restore_timeout, entry_of=lambda e: e, afterwards=_goes_back,
+            stop_when_late=False,
+        )
+        failures += [f"{o.item.address}: never attempted" for o in outcomes if not o.attempted]
+        forget(host, *home)  # one journal write for every device that went home
     return failures
 
 
@@ -337,112 +336,3 @@ def _entry_group(host: Host, entry: Entry) -> str:
     return host.sysfs.iommu_group(PciAddress.parse(entry.address)) or entry.address
 
 
-def _forget(host: Host, *gone: Entry) -> None:
-    if not gone:
-        return
-    with host.journal.transaction() as entries:
-        for entry in gone:
-            current = entries.get(entry.address)
-            if current is not None and current.domain == entry.domain:
-                del entries[entry.address]
-
-
-def restore_device(host: Host, bdf: str) -> str:
-    """Give one device back: per the journal if it is there; otherwise only if it needs it."""
-    address = PciAddress.parse(bdf)
-    host.sysfs.require(address)
-    snapshot = host.journal.read()
-    entry = snapshot.entries.get(str(address))
-    if entry is not None:
-        with host.domain_locks.hold(entry.domain, host.config.restore_timeout):
-            entry = host.journal.read().entries.get(str(address))  # as the last run left it
-            if entry is None:
-                return f"{address}: already restored by another run"
-            deadline = time.monotonic() + host.config.restore_timeout
-            if not _restore_entry(host, entry, entry.original_driver, entry.original_override, deadline):
-                raise OperationError(f"{address}: {entry.error}")
-            _forget(host, entry)
-        return f"{address}: restored to {entry.original_driver or 'no driver'} (from the journal)"
-    if str(address) in snapshot.blocked:
-        raise OperationError(f"{address}: {snapshot.blocked[str(address)]}")
-    return _restore_unjournaled(host, address)
-
-
-def _restore_unjournaled(host: Host, address: PciAddress) -> str:
-    """A device the journal does not know: hand it to a host driver, if it is not on one.
-
-    A mistyped address must not drop a NIC's link or the root disk, so a device on a
-    host driver is left alone, and a held one is refused before anything is written.
-    """
-    sysfs = host.sysfs
-    before = sysfs.driver(address)
-    if before is not None and not host.on_vfio_driver(address):
-        return f"{address}: not in the journal and on host driver {before}: nothing to do"
-    if before is not None and (holders := sysfs.vfio_holders(address)):
-        raise OperationError(f"{address}: still held open by {', '.join(holders)}; nothing changed")
-    override = sysfs.driver_override(address)
-    if override is not None:
-        sysfs.set_driver_override(address, None)
-    if before is not None:
-        sysfs.unbind(address)
-    sysfs.probe(address)
-    after = sysfs.driver(address)
-    if after is not None and not host.on_vfio_driver(address):
-        return f"{address}: not in the journal; now on {after} (was {before or 'no driver'})"
-    # No host driver wants it: put it back exactly as it was.
-    host.switcher.restore(address, before, override, host.config.restore_timeout)
-    raise OperationError(f"{address}: no host driver takes it; left on {before or 'no driver'}")
-
-
-def _restore_entry(
-    host: Host, entry: Entry, driver: str | None, override: str | None, deadline: float,
-    *, marked: bool = False,
-) -> bool:
-    """Send one device to `driver`; on failure keep it on its VFIO driver and record why.
-
-    `marked`: the caller already recorded it as restoring (release does so for all its
-    devices in one journal write).
-    """
-    address = PciAddress.parse(entry.address)
-    if not host.sysfs.exists(address):
-        log.warning("%s %s: device is gone; forgetting it", entry.domain, address)
-        return True
-    current = host.sysfs.driver(address)
-    if host.on_vfio_driver(address):
-        entry.target_driver = current  # where to put it back if the restore fails
-    if entry.role == "watch" and current != driver:
-        log.warning("%s %s: libvirt left it on %s, not %s; restoring", entry.domain, address,
-                    current or "no driver", driver or "no driver")
-    if not marked and not _journal_status(host, entry, "restoring"):
-        return True  # someone else (a concurrent restore) finished it
-    try:
-        host.switcher.restore(address, driver, override, _left(deadline))
-    except Exception as err:
-        cause = describe(err)
-        fallback = _fallback_to_vfio(host, entry, address)
-        _journal_status(host, entry, "restore-failed", f"{cause}; {fallback}")
-        log.error("%s %s: cannot restore %s: %s; %s", entry.domain, address,
-                  driver or "no driver", cause, fallback)
-        return False
-    log.info("%s %s: restored to %s", entry.domain, address, driver or "no driver")
-    return True
-
-
-def _fallback_to_vfio(host: Host, entry: Entry, address: PciAddress) -> str:
-    """Never leave a device silently driverless: put it back on the VFIO driver it had."""
-    current = host.sysfs.driver(address)
-    if current is not None:
-        # pin it, so that no later probe hands a device someone still holds to a host driver
-        try:
-            if host.sysfs.driver_override(address) != current:
-                host.sysfs.set_driver_override(address, current)
-        except OSError:
-            pass
-        return f"left on {current}"
-    if not entry.target_driver:
-        return "left with no driver"
-    try:
-        host.switcher.bind(address, entry.target_driver, host.config.bind_timeout)
-    except Exception as err:
-        return f"and could not return it to {entry.target_driver} either ({describe(err)}): no driver"
-    return f"kept on {entry.target_driver}"

@@ -19,6 +19,7 @@ from dataclasses import replace
 from typing import TypeVar
 
 from vfio_libvirt import engine
+from vfio_libvirt.apply import LATE_GRACE
 from vfio_libvirt.apply import describe as describe_error
 from vfio_libvirt.host import Host
 from vfio_libvirt.pci import PciAddress
@@ -30,9 +31,9 @@ Item = TypeVar("Item")
 
 STUCK_LOCK_SECONDS = 1.0
 """How long marking devices stuck may wait for the journal lock before answering anyway."""
-GRACE = 0.25
-"""Seconds past the deadline for workers that are not inside a kernel write: they stop
-waiting at the deadline themselves (a holder, a retry) and only need to record it."""
+GRACE = LATE_GRACE
+"""Seconds past the deadline before a run is late: workers between writes stop by
+themselves at the deadline, and a write that merely spans it comes back."""
 
 
 def run_bounded(
@@ -79,14 +80,18 @@ def run_bounded(
 def _wait_for_stragglers(
     host: Host, run: engine.Run[Item], entry_of: Callable[[Item], Entry], until: float,
 ) -> bool:
-    """Give workers that are not inside a kernel write until `until`; True if all finished."""
+    """Wait until `until`, or until a write has been in the kernel for GRACE already (it
+    is stuck: answer now); True if every worker finished."""
     while True:
-        if run.wait(until=min(until, time.monotonic() + 0.005)):
+        now = time.monotonic()
+        if run.wait(until=min(until, now + 0.005)):
             return True
-        if time.monotonic() >= until or any(
-            entry_of(o.item).address in host.switcher.in_kernel for o in run.unfinished
-        ):
+        if now >= until:
             return False
+        for outcome in run.unfinished:
+            inside = host.switcher.in_kernel.get(entry_of(outcome.item).address)
+            if inside is not None and now - inside[1] >= GRACE:
+                return False
 
 
 Stuck = tuple[engine.Outcome[Item], Entry, str, float]

@@ -50,6 +50,20 @@ def sim(monkeypatch) -> SimKernel:
     return kernel
 
 
+SHORT_DEADLINE = 1.0
+
+
+@pytest.fixture
+def short(sim):
+    """bind_seconds = restore_seconds = SHORT_DEADLINE; releases every write the test left
+    blocked (the simulator's `blocked` fault), so no worker sleeps past the test."""
+    write_config(f'[libvirt]\nversion = "11.3.0"\n[timeouts]\nbind_seconds = {SHORT_DEADLINE}\n'
+                 f"restore_seconds = {SHORT_DEADLINE}\n")
+    yield sim
+    for gate in sim.faults.blocked.values():
+        gate.set()
+
+
 def write_config(text: str) -> None:
     Path(os.environ["VFIO_LIBVIRT_CONFIG"]).write_text(text)
 

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.conftest import AUDIO_BDF, E1000, GPU_BDF, NIC, domain_xml, pci, run_hook, write_config
+from tests.unit.conftest import AUDIO_BDF, E1000, GPU_BDF, NIC, SHORT_DEADLINE, domain_xml, pci, run_hook
 from vfio_libvirt.cli import main as cli_main
 from vfio_libvirt.domain import Domain
 from vfio_libvirt.errors import OperationError
 from vfio_libvirt.lifecycle import Host, prepare, release
 from vfio_libvirt.settings import Settings
 
-DEADLINE = 1.0
+DEADLINE = SHORT_DEADLINE
 SLACK = 0.6  # the straggler grace (0.25 s) and a loaded CI machine
 
 
@@ -65,15 +65,6 @@ class Background:
         return self.result
 
 
-@pytest.fixture
-def short(sim):
-    write_config(f'[libvirt]\nversion = "11.3.0"\n[timeouts]\nbind_seconds = {DEADLINE}\n'
-                 f"restore_seconds = {DEADLINE}\n")
-    yield sim
-    for gate in sim.faults.blocked.values():  # never leave a worker asleep past the test
-        gate.set()
-
-
 def test_prepare_answers_at_the_deadline_while_an_unbind_never_returns(short, capsys):
     gate = short.faults.blocked[("unbind", NIC)] = threading.Event()
     xml = domain_xml("vm1", pci(NIC))
@@ -81,7 +72,7 @@ def test_prepare_answers_at_the_deadline_while_an_unbind_never_returns(short, ca
     took, code, line = run.first_answer(within=DEADLINE + 3)
     assert took <= DEADLINE + SLACK and code == 1
     assert line.startswith(f"{NIC}: unbind from virtio-pci still in the kernel after 1 s")
-    assert "marked stuck, it goes back to virtio-pci when the write returns" in line
+    assert "marked stuck, it is sent back to virtio-pci when the write returns" in line
     assert run.thread.is_alive()  # the write has not returned: the run is still waiting
     entry = journal()[NIC]
     assert entry["status"] == "stuck" and "unbind from virtio-pci" in entry["error"]
@@ -229,9 +220,8 @@ def test_marking_stuck_never_overwrites_a_worker_that_finished_meanwhile(short):
     assert entries[E1000].status == "bound"  # the worker's own object is left alone
 
 
-def test_a_start_with_no_time_left_writes_nothing(short):
-    """Its budget went on waiting (for a lock, another domain): a bind past the deadline
-    must not unbind a host NIC for a start that has already failed."""
+def test_a_bind_past_its_deadline_writes_nothing(short):
+    """A run already declared late must not unbind a host NIC for a start that failed."""
     from vfio_libvirt.apply import Switcher, TooLate
     from vfio_libvirt.pci import PciAddress
     from vfio_libvirt.sysfs import Sysfs
@@ -239,7 +229,7 @@ def test_a_start_with_no_time_left_writes_nothing(short):
     switcher = Switcher(Sysfs(Path(os.environ["VFIO_LIBVIRT_SYSFS_ROOT"])), [])
     writes = len(short.writes)
     with pytest.raises(TooLate, match="the deadline passed before driver_override; not written"):
-        switcher.bind(PciAddress.parse(NIC), "virtio-vfio-pci", 0.0)
+        switcher.bind(PciAddress.parse(NIC), "virtio-vfio-pci", -1.0)  # a deadline a second gone
     assert len(short.writes) == writes and short.driver_of(NIC) == "virtio-pci"
 
 
