@@ -15,24 +15,29 @@ test_guest_*.py here and use: `pci` (the test devices with sysfs helpers,
 see guest_sysfs.py), `product` (runs `python3 -m vfio_libvirt` from the
 repo), `hook` (runs hooks/qemu as libvirtd would), `harness`
 (tests/vm/guest.py: BDFs, module and driver names), and for the real
-hardware `igb` (the SR-IOV PF, VFs disabled) and `nvme` (unmounted).
+hardware `igb` (the SR-IOV PF, VFs disabled) and `nvme` (unmounted); for the
+bounded waits `slow` (the three slow devices, see guest_bounded.py).
 Every test starts and ends with the test devices on their boot drivers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from tests.kernel.guest.guest_bounded import ORIGINAL, SETTLE, STUCK_MS, Bounded, ours, set_param
 from tests.kernel.guest.guest_sysfs import (
     SYS_PCI,
     Pci,
     PciDevice,
     SriovPf,
+    modprobe,
     mounts_of,
     nvme_block_devices,
     run,
@@ -205,3 +210,48 @@ def nvme():
     settle_nvme(dev)
     assert dev.driver == "nvme" and not mounts_of(f"/dev/{H.NVME_NAMESPACE}"), (
         f"could not restore {dev} after the test: driver {dev.driver}")
+
+
+# ------------------------------------------- bounded waits (test_guest_bounded.py)
+
+
+@pytest.fixture(scope="module")
+def slow_given():
+    """Skip when the guest was booted without the slow devices; fail when given but missing.
+    Loads vlt_slow_host (udev normally has at boot) and vfio_pci (so no run pays for it)."""
+    H.require_guest()
+    for spec in H.SLOW_DEVICES:
+        _given(spec)
+    modprobe(H.SLOW_MODULE)
+    modprobe("vfio_pci")
+    for name in ("probe_ms", "remove_ms"):
+        set_param(name, 0)
+
+
+@pytest.fixture
+def slow(tmp_path, repo, slow_given):
+    """The three slow devices on vlt-slow-host with probe_ms = remove_ms = 0, before and
+    after the test; after it, no process of the product is left at work on them."""
+    for name in ("probe_ms", "remove_ms"):
+        set_param(name, 0)
+    bounded = Bounded(tmp_path, repo)
+    for dev in bounded.devices:
+        assert dev.restore() == ORIGINAL, f"{dev} not on {ORIGINAL} before the test: {dev.driver}"
+        assert dev.group_members() == [dev.bdf], f"{dev} shares its IOMMU group"
+    yield bounded
+    for name in ("probe_ms", "remove_ms"):
+        set_param(name, 0)  # a sleep already under way still runs to its end
+    # a detached process may still be finishing a job: give it the time a write takes
+    with contextlib.suppress(AssertionError):
+        wait_for("the product's detached processes to finish",
+                 lambda: not bounded.helpers() and bounded.settled(bounded.devices),
+                 STUCK_MS / 1000 + SETTLE)
+    leftover = sorted(p for p in bounded.helpers() if ours(p))
+    for pid in leftover:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)  # dies once its write leaves the kernel
+    for dev in bounded.devices:
+        dev.restore()  # waits for any write still in the kernel (device lock)
+    bad = [f"{dev}: {dev.driver}" for dev in bounded.devices if dev.driver != ORIGINAL]
+    assert not bad, f"could not put the slow devices back on {ORIGINAL}: {bad}"
+    assert not leftover, f"processes of the product still at work after the test: {leftover}"

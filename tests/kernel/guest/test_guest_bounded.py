@@ -23,368 +23,39 @@ installed product has its .pyc; the repo here is read-only).  (b) compares the t
 the driver spends in probe()/remove() (first call in -> last out), not wall times.
 
 Every test starts and ends with the three devices on vlt-slow-host, the module's
-parameters at 0 and no process of the product left behind (the `slow` fixture).
+parameters at 0 and no process of the product left behind (the `slow` fixture,
+conftest.py).  The support code (Bounded, Watch, the checks) is in guest_bounded.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import json
-import os
-import signal
-import subprocess
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
-from tests.kernel.guest.guest_sysfs import SYS_PCI, PciDevice, modprobe, wait_for, write_sysfs
-from tests.vm import guest as H
+from tests.kernel.guest.guest_bounded import (
+    ORIGINAL,
+    SLACK,
+    STUCK_MS,
+    Watch,
+    assert_answered,
+    assert_answered_after_write,
+    assert_status_stuck,
+    assert_stuck_line,
+    busy,
+    set_param,
+    stuck_helper,
+    wait_settled,
+)
+from tests.kernel.guest.guest_xml import domain, hostdev
 
 pytestmark = pytest.mark.real_sysfs
 
-ORIGINAL = H.SLOW_DRIVER
-SLACK = 2.0            # seconds a hook may take beyond its deadline (TCG)
-STUCK_MS = 15000       # a write that outlives any deadline here, and the checks made meanwhile
-SETTLE = 40.0          # the detached process finishes within this after the write returns
+# ORIGINAL (vlt-slow-host), SLACK (2 s past a deadline) and STUCK_MS (15 s in the driver)
+# are shared with the support code: see guest_bounded.py.
 SLOW_MS = 3000         # (b): each remove() and probe() this long
 PARALLEL_FACTOR = 1.6  # (b): three groups may cost at most this many times one
-PYCACHE = "/tmp/vlt-bounded-pycache"   # inside the guest: a writable overlay
-
-
-def hostdev(bdf: str) -> str:
-    _, bus, rest = bdf.split(":")
-    slot, function = rest.split(".")
-    return ("<hostdev mode='subsystem' type='pci' managed='no'><source>"
-            f"<address domain='0x0000' bus='0x{bus}' slot='0x{slot}' function='0x{function}'/>"
-            "</source></hostdev>")
-
-
-def domain(name: str, *devices: str) -> str:
-    return f"<domain type='qemu'><name>{name}</name><devices>{''.join(devices)}</devices></domain>"
-
-
-def set_param(name: str, ms: int) -> None:
-    write_sysfs(H.SLOW_PARAMS / name, str(ms))
-
-
-def busy() -> int:
-    """probe()/remove() calls of vlt_slow_host under way (the driver link cannot tell:
-    it appears before probe() runs and goes before remove() does)."""
-    return int((H.SLOW_PARAMS / "busy").read_text())
-
-
-def alive(pid: int) -> bool:
-    """A process that still runs (a zombie has finished)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return False
-    return fields[0] != "Z"
-
-
-def ours(pid: int) -> bool:
-    """The product's process (hook or CLI), not a pid reused by something else."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-    except OSError:
-        return False
-    return b"vfio_libvirt" in cmdline or b"hooks/qemu" in cmdline
-
-
-@dataclasses.dataclass
-class HookRun:
-    what: str
-    rc: int | None
-    stdout: str
-    stderr: str
-    seconds: float    # until communicate() returned: the hook exited AND its pipes closed
-    answered: bool    # within the limit
-    exited: bool      # the process had exited by the limit (pipes may still be open)
-    pid: int
-    started: float    # time.monotonic() at Popen
-    ended: float      # time.monotonic() when communicate() returned (or gave up)
-
-    def describe(self) -> str:
-        state = (f"answered in {self.seconds:.1f} s" if self.answered else
-                 f"exited but its stdout/stderr were still open after {self.seconds:.1f} s"
-                 if self.exited else f"still running after {self.seconds:.1f} s")
-        return (f"{self.what}: {state}, rc={self.rc}\n--- stdout ---\n{self.stdout}"
-                f"--- stderr ---\n{self.stderr}")
-
-
-class Bounded:
-    """The slow devices, and the hook and CLI on one state dir and config."""
-
-    def __init__(self, tmp: Path, repo: Path):
-        self.devices = [PciDevice(spec) for spec in H.SLOW_DEVICES]
-        self.state = tmp / "state"
-        self.config = tmp / "config.toml"
-        self.repo = repo
-        self.configure(bind_seconds=3, restore_seconds=3)
-
-    def configure(self, bind_seconds: float, restore_seconds: float) -> None:
-        self.bind_seconds, self.restore_seconds = float(bind_seconds), float(restore_seconds)
-        self.config.write_text(f'[libvirt]\nversion = "11.3.0"\n[timeouts]\n'
-                               f"bind_seconds = {bind_seconds}\nrestore_seconds = {restore_seconds}\n")
-
-    @property
-    def env(self) -> dict[str, str]:
-        env = {**os.environ, "PYTHONPATH": str(self.repo), "PYTHONPYCACHEPREFIX": PYCACHE,
-               "VFIO_LIBVIRT_STATE_DIR": str(self.state), "VFIO_LIBVIRT_CONFIG": str(self.config)}
-        env.pop("PYTHONDONTWRITEBYTECODE", None)
-        return env
-
-    def hook(self, name: str, op: str, subop: str, xml: str, limit: float) -> HookRun:
-        """hooks/qemu as libvirtd runs it, given `limit` seconds to exit and close its pipes."""
-        H.require_guest()
-        start = time.monotonic()
-        proc = subprocess.Popen([H.GUEST_PYTHON, str(self.repo / "hooks" / "qemu"), name, op, subop, "-"],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                env=self.env, text=True)
-        answered = True
-        try:
-            out, err = proc.communicate(xml, timeout=limit)
-        except subprocess.TimeoutExpired:
-            answered = False
-        ended = time.monotonic()
-        seconds = ended - start
-        exited = proc.poll() is not None
-        if not answered:
-            if not exited:
-                proc.kill()  # takes effect when its write leaves the kernel
-            try:
-                out, err = proc.communicate(timeout=STUCK_MS / 1000 + SETTLE)
-            except subprocess.TimeoutExpired:  # something the hook left behind holds the pipes
-                out, err = "", "(pipes held open by another process)\n"
-                for pipe in (proc.stdout, proc.stderr):
-                    if pipe:
-                        pipe.close()
-                proc.wait(timeout=60)
-        return HookRun(f"{op} {subop} of {name}", proc.returncode, out, err, seconds, answered,
-                       exited, proc.pid, start, ended)
-
-    def idle_release(self) -> HookRun:
-        """`release end` of a domain the journal does not know: the fixed cost of a hook
-        run here (interpreter, imports, config, journal), with nothing to wait for.
-        Without a journal file the hook returns before all that: call it after a run."""
-        assert (self.state / "journal.json").exists(), "no journal yet: the idle run would cost nothing"
-        run = self.hook("vm-idle", "release", "end", domain("vm-idle"), 120)
-        assert run.answered and run.rc == 0, run.describe()
-        return run
-
-    def journal(self) -> dict[str, dict]:
-        """The journal's devices by BDF ({} without a journal file)."""
-        path = self.state / "journal.json"
-        for _ in range(3):
-            try:
-                return json.loads(path.read_text())["devices"]
-            except FileNotFoundError:
-                return {}
-            except json.JSONDecodeError:  # never expected (tmp + rename); look again
-                time.sleep(0.05)
-        return json.loads(path.read_text())["devices"]
-
-    def status(self) -> dict[str, dict]:
-        """`vfio-libvirt status --json`'s rows by address."""
-        proc = subprocess.run([H.GUEST_PYTHON, "-m", "vfio_libvirt", "status", "--json"],
-                              cwd=self.repo, env=self.env, capture_output=True, text=True,
-                              timeout=120, check=False)
-        assert proc.returncode == 0, f"status failed ({proc.returncode}): {proc.stderr}"
-        return {row["address"]: row for row in json.loads(proc.stdout)["devices"]}
-
-    def helpers(self) -> set[int]:
-        """Pids the journal names that still run."""
-        return {e["pid"] for e in self.journal().values()
-                if isinstance(e.get("pid"), int) and alive(e["pid"])}
-
-    def settled(self, devices: list[PciDevice]) -> bool:
-        """Every device back on its original driver, without a journal entry."""
-        journal = self.journal()
-        return all(d.bdf not in journal and d.driver == ORIGINAL for d in devices)
-
-
-class Watch(threading.Thread):
-    """Samples the journal, then the drivers, every `interval` s until stopped.
-
-    Reading the journal first makes the check race-free: an entry may only go once
-    its device is back, so "no entry" followed by "off its original driver" is a
-    real moment at which the journal did not cover the device.  The module's "busy"
-    count, sampled too, tells when a write was inside the driver's probe()/remove().
-    """
-
-    def __init__(self, bounded: Bounded, devices: list[PciDevice], *, never: tuple[str, ...] = (),
-                 interval: float = 0.1):
-        super().__init__(daemon=True)
-        self.bounded, self.devices, self.never, self.interval = bounded, devices, never, interval
-        self.halt = threading.Event()
-        self.violations: list[str] = []
-        self.timeline: dict[str, list[tuple[float, str | None, str | None]]] = {
-            d.bdf: [] for d in devices}   # (monotonic time, driver, journal status)
-        self.busy: list[tuple[float, int]] = []   # (monotonic time, busy())
-        self.start_time = time.monotonic()
-
-    def run(self) -> None:
-        while not self.halt.is_set():
-            self.sample()
-            self.halt.wait(self.interval)
-
-    def sample(self) -> None:
-        self.busy.append((time.monotonic(), busy()))
-        journal = self.bounded.journal()
-        now = time.monotonic()
-        at = now - self.start_time
-        for dev in self.devices:
-            driver = dev.driver
-            entry = journal.get(dev.bdf)
-            status = entry.get("status") if entry else None
-            self.timeline[dev.bdf].append((now, driver, status))
-            if entry is None and driver != ORIGINAL:
-                self.violations.append(f"{at:.1f} s: {dev.bdf} on {driver} without a journal entry")
-            if status in self.never:
-                self.violations.append(f"{at:.1f} s: {dev.bdf} has status {status!r}")
-
-    def __enter__(self) -> Watch:
-        self.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.halt.set()
-        self.join(timeout=30)
-        self.sample()
-
-    @property
-    def seen(self) -> dict[str, list[str]]:
-        """Per device, the distinct states in order: "status/driver"."""
-        out: dict[str, list[str]] = {}
-        for bdf, samples in self.timeline.items():
-            labels = out.setdefault(bdf, [])
-            for _, driver, status in samples:
-                label = f"{status or '-'}/{driver or 'none'}"
-                if not labels or labels[-1] != label:
-                    labels.append(label)
-        return out
-
-    def entered(self, after: float, why: str = "") -> float:
-        """When the driver was first seen inside probe()/remove() after `after`."""
-        for at, count in list(self.busy):
-            if at >= after and count:
-                return at
-        raise AssertionError(f"vlt_slow_host never seen in probe()/remove(); states {self.seen}{why}")
-
-    def in_driver(self, start: float, end: float, why: str = "") -> float:
-        """Seconds from the first sample in [start, end] with the driver busy to the first
-        idle one after the last busy one (each sample is `interval` apart)."""
-        window = [(at, count) for at, count in list(self.busy) if start <= at <= end]
-        busy_at = [i for i, (_, count) in enumerate(window) if count]
-        if not busy_at:
-            raise AssertionError(f"vlt_slow_host never seen in probe()/remove(); states {self.seen}{why}")
-        last = busy_at[-1] + 1
-        if last >= len(window):
-            raise AssertionError(f"vlt_slow_host still busy at the end of the window{why}")
-        return window[last][0] - window[busy_at[0]][0]
-
-    def check(self) -> None:
-        samples = min(len(t) for t in self.timeline.values())
-        assert samples >= 5, f"only {samples} journal samples"
-        assert not self.violations, (
-            f"the journal did not cover the devices: {self.violations[:10]} (states seen: {self.seen})")
-
-
-@pytest.fixture(scope="module")
-def slow_given():
-    """Skip when the guest was booted without the slow devices; fail when given but missing.
-    Loads vlt_slow_host (udev normally has at boot) and vfio_pci (so no run pays for it)."""
-    H.require_guest()
-    for spec in H.SLOW_DEVICES:
-        if spec not in H.guest_devices():
-            pytest.skip(f"this guest was booted without the {spec.name} test device "
-                        f"({H.DEVICES_ENV}={os.environ.get(H.DEVICES_ENV, '')!r})")
-        assert (SYS_PCI / "devices" / spec.bdf).exists(), f"no {spec.name} at {spec.bdf} in sysfs"
-    modprobe(H.SLOW_MODULE)
-    modprobe("vfio_pci")
-    for name in ("probe_ms", "remove_ms"):
-        set_param(name, 0)
-
-
-@pytest.fixture
-def slow(tmp_path, repo, slow_given):
-    """The three slow devices on vlt-slow-host with probe_ms = remove_ms = 0, before and
-    after the test; after it, no process of the product is left at work on them."""
-    for name in ("probe_ms", "remove_ms"):
-        set_param(name, 0)
-    bounded = Bounded(tmp_path, repo)
-    for dev in bounded.devices:
-        assert dev.restore() == ORIGINAL, f"{dev} not on {ORIGINAL} before the test: {dev.driver}"
-        assert dev.group_members() == [dev.bdf], f"{dev} shares its IOMMU group"
-    yield bounded
-    for name in ("probe_ms", "remove_ms"):
-        set_param(name, 0)  # a sleep already under way still runs to its end
-    # a detached process may still be finishing a job: give it the time a write takes
-    with contextlib.suppress(AssertionError):
-        wait_for("the product's detached processes to finish",
-                 lambda: not bounded.helpers() and bounded.settled(bounded.devices),
-                 STUCK_MS / 1000 + SETTLE)
-    leftover = sorted(p for p in bounded.helpers() if ours(p))
-    for pid in leftover:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)  # dies once its write leaves the kernel
-    for dev in bounded.devices:
-        dev.restore()  # waits for any write still in the kernel (device lock)
-    bad = [f"{dev}: {dev.driver}" for dev in bounded.devices if dev.driver != ORIGINAL]
-    assert not bad, f"could not put the slow devices back on {ORIGINAL}: {bad}"
-    assert not leftover, f"processes of the product still at work after the test: {leftover}"
-
-
-def assert_answered(run: HookRun, limit: float, what: str = "") -> None:
-    assert run.answered and run.seconds < limit, (
-        f"not answered within {limit:.1f} s{what}: {run.describe()}")
-
-
-def assert_answered_after_write(run: HookRun, write_began: float, deadline: float) -> None:
-    """Answered (exited, pipes closed) within the deadline + SLACK of the write entering the kernel."""
-    assert run.answered, run.describe()
-    late = run.ended - write_began
-    assert late < deadline + SLACK, (
-        f"answered {late:.1f} s after the write entered the kernel, deadline {deadline:g} s "
-        f"+ {SLACK:g} s slack (whole run {run.seconds:.1f} s): {run.describe()}")
-
-
-def assert_stuck_line(run: HookRun, bdf: str, writes: tuple[str, ...]) -> None:
-    assert run.rc == 1, run.describe()
-    lines = run.stderr.strip().splitlines()
-    assert len(lines) == 1, f"want one line on stderr: {run.describe()}"
-    line = lines[0]
-    assert bdf in line and "stuck" in line and any(w in line for w in writes), (
-        f"want {bdf}, one of {writes} and 'stuck' in: {line!r}")
-
-
-def stuck_helper(bounded: Bounded, bdf: str, hook_pid: int) -> int:
-    """The detached process the stuck entry names (checked: it is at work)."""
-    entry = bounded.journal().get(bdf)
-    assert entry is not None, f"no journal entry for {bdf} while its write is in the kernel"
-    assert entry["status"] == "stuck", entry
-    pid = entry.get("pid")
-    assert isinstance(pid, int) and pid != hook_pid, f"the entry names no detached process: {entry}"
-    assert alive(pid), f"the entry's process {pid} is not running: {entry}"
-    return pid
-
-
-def assert_status_stuck(rows: dict[str, dict], bdf: str) -> None:
-    assert bdf in rows and rows[bdf]["status"] == "stuck", rows.get(bdf, rows)
-
-
-def wait_settled(bounded: Bounded, dev: PciDevice, helper: int) -> float:
-    """Wait until the device is back on its driver without an entry; returns when."""
-    wait_for(f"{dev} back on {ORIGINAL} without a journal entry",
-             lambda: bounded.settled([dev]), STUCK_MS / 1000 + SETTLE)
-    settled = time.monotonic()
-    wait_for(f"the detached process {helper} to finish", lambda: not alive(helper), SETTLE)
-    assert dev.override == "(null)", f"{dev}'s driver_override not restored: {dev.override!r}"
-    return settled
 
 
 # ---------------------------------------------------- (a) a write that outlives the deadline

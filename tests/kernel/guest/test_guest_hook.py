@@ -15,24 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.kernel.guest.guest_xml import domain, hostdev
 from tests.vm import guest as H
 
 pytestmark = pytest.mark.real_sysfs
 
 NIC, E1000 = H.VIRTIO_NET.bdf, H.E1000E.bdf
-
-
-def hostdev(bdf: str, managed: str = "no", model: str | None = None) -> str:
-    _, bus, rest = bdf.split(":")
-    slot, function = rest.split(".")
-    driver = f"<driver model='{model}'/>" if model else ""
-    return (f"<hostdev mode='subsystem' type='pci' managed='{managed}'>{driver}<source>"
-            f"<address domain='0x0000' bus='0x{bus}' slot='0x{slot}' function='0x{function}'/>"
-            "</source></hostdev>")
-
-
-def domain(name: str, *devices: str) -> str:
-    return f"<domain type='qemu'><name>{name}</name><devices>{''.join(devices)}</devices></domain>"
 
 
 def test_prepare_binds_variant_and_vfio_pci_then_release_restores(pci, hook):

@@ -35,6 +35,7 @@ from tests.kernel.guest.guest_sysfs import (
     udev_settle,
     wait_for,
 )
+from tests.kernel.guest.guest_xml import domain, hostdev
 from tests.vm import guest as H
 
 pytestmark = pytest.mark.real_sysfs
@@ -42,18 +43,6 @@ pytestmark = pytest.mark.real_sysfs
 NVME, E1000, PF = H.NVME.bdf, H.E1000E.bdf, H.IGB_PF.bdf
 NAMESPACE = H.NVME_NAMESPACE
 GATEWAY, ADDRESS = "192.0.2.1", "192.0.2.2/24"   # TEST-NET-1: never a real network
-
-
-def hostdev(bdf: str) -> str:
-    _, bus, rest = bdf.split(":")
-    slot, function = rest.split(".")
-    return ("<hostdev mode='subsystem' type='pci' managed='no'><source>"
-            f"<address domain='0x0000' bus='0x{bus}' slot='0x{slot}' function='0x{function}'/>"
-            "</source></hostdev>")
-
-
-def domain(name: str, *devices: str) -> str:
-    return f"<domain type='qemu'><name>{name}</name><devices>{''.join(devices)}</devices></domain>"
 
 
 def refusal(proc: subprocess.CompletedProcess, bdf: str) -> str:

@@ -31,24 +31,13 @@ from tests.kernel.guest.guest_sysfs import (
     modprobe,
     remove_dynamic_id,
 )
+from tests.kernel.guest.guest_xml import domain, hostdev
 from tests.vm import guest as H
 
 pytestmark = pytest.mark.real_sysfs
 
 NIC, E1000 = H.VIRTIO_NET.bdf, H.E1000E.bdf
 DEVICES = [H.VIRTIO_NET.name, H.E1000E.name]
-
-
-def hostdev(bdf: str, managed: str = "no") -> str:
-    _, bus, rest = bdf.split(":")
-    slot, function = rest.split(".")
-    return (f"<hostdev mode='subsystem' type='pci' managed='{managed}'><source>"
-            f"<address domain='0x0000' bus='0x{bus}' slot='0x{slot}' function='0x{function}'/>"
-            "</source></hostdev>")
-
-
-def domain(name: str, *devices: str) -> str:
-    return f"<domain type='qemu'><name>{name}</name><devices>{''.join(devices)}</devices></domain>"
 
 
 def shared(hook) -> dict[str, str]:
