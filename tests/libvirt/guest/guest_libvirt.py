@@ -7,6 +7,7 @@ harmless, using it there is refused.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -57,8 +58,57 @@ class CommandFailed(AssertionError):
 
 def run(argv: Sequence[str], *, timeout: float = 180, input: str | None = None,
         env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
-                          input=input, env=env or clean_env(), cwd=cwd, check=False)
+    """Run `argv`; past `timeout` record what everything waits on, then fail the test.
+
+    subprocess.run would wait without limit for a killed command's pipes (and a process
+    asleep in the kernel cannot be killed), and a hung daemon makes every later call time
+    out too, until the outer harness kills the guest with no report at all.  So the
+    evidence goes to the kernel log, which the harness prints from the console.
+    """
+    proc = subprocess.Popen(list(argv), stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env or clean_env(), cwd=cwd)
+    try:
+        out, err = proc.communicate(input, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        evidence = hang_evidence()
+        proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.communicate(timeout=10)
+        headline = f"$ {' '.join(map(str, argv))}: no answer in {timeout:g} s"
+        to_console(headline, evidence)
+        raise CommandFailed(f"{headline}\n{evidence}") from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def hang_evidence() -> str:
+    """The process tree with what each waits on, and the kernel stacks of the interesting."""
+    try:
+        tree = subprocess.run(["ps", "-eo", "pid,ppid,stat,wchan:32,etime,args", "--forest"],
+                              capture_output=True, text=True, timeout=20, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"ps: {err}"
+    lines = [line for line in tree.splitlines()
+             if " D" in line[:20] or any(w in line for w in ("qemu", "virsh", "libvirtd", "vfio-libvirt"))]
+    stacks = []
+    for line in lines:
+        pid = line.split()[0]
+        try:
+            stack = Path(f"/proc/{pid}/stack").read_text().splitlines()[:10]
+        except (OSError, ValueError):
+            continue
+        stacks.append(f"--- {pid}: " + " < ".join(frame.split()[-1] for frame in stack))
+    return "\n".join(["--- processes", *lines, *stacks])
+
+
+def to_console(headline: str, evidence: str) -> None:
+    try:
+        with open("/dev/kmsg", "w") as kmsg:
+            for line in [headline, *evidence.splitlines()][:80]:
+                kmsg.write(f"vlt-libvirt-tier: {line[:200]}\n")
+                kmsg.flush()
+    except OSError:
+        pass
 
 
 def clean_env() -> dict[str, str]:
