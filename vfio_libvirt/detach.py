@@ -55,10 +55,6 @@ class Channel:
             os.close(self._fd)
             self._fd = None
 
-    @property
-    def answered(self) -> bool:
-        return self._fd is None
-
     def _send(self, message: dict[str, object]) -> None:
         if self._fd is None:
             return

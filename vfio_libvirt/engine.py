@@ -103,12 +103,3 @@ def start(
     """Start `work` on every item, one worker per group, items of a group in their order."""
     return Run(items, group_of, work)
 
-
-def by_group(
-    items: Sequence[Item], group_of: Callable[[Item], Hashable], work: Callable[[Item], None],
-) -> list[Outcome[Item]]:
-    """Run `work` on every item and wait for all of it; the outcomes are in `items`' order."""
-    run = start(items, group_of, work)
-    run.wait()
-    run.raise_fatal()
-    return run.outcomes

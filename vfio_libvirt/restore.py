@@ -25,9 +25,8 @@ def left(deadline: float) -> float:
     return max(0.0, deadline - time.monotonic())
 
 
-def journal_status(host: Host, entry: Entry, status: str, error: str = "") -> bool:
-    """Record `entry` with a new status, unless it is no longer this domain's to record."""
-    entry.touch(status, error)  # type: ignore[arg-type]
+def save_entry(host: Host, entry: Entry) -> bool:
+    """Record `entry` as it is, unless it is no longer this domain's to record."""
     with host.journal.transaction() as entries:
         current = entries.get(entry.address)
         if current is None or current.domain != entry.domain:
@@ -94,11 +93,11 @@ def _restore_unjournaled(host: Host, address: PciAddress) -> str:
 
 
 def _record(host: Host, entry: Entry, status: str, error: str = "") -> bool | None:
-    """journal_status, best effort: None (logged) when the journal cannot be written; the
+    """save_entry, best effort: None (logged) when the journal cannot be written; the
     entry in hand says the new status either way (release reports from it)."""
     entry.touch(status, error)  # type: ignore[arg-type]
     try:
-        return journal_status(host, entry, status, error)
+        return save_entry(host, entry)
     except Exception as err:
         log.error("%s %s: cannot record %s in the journal: %s", entry.domain, entry.address,
                   status, describe(err))

@@ -31,9 +31,6 @@ Item = TypeVar("Item")
 
 STUCK_LOCK_SECONDS = 1.0
 """How long marking devices stuck may wait for the journal lock before answering anyway."""
-GRACE = LATE_GRACE
-"""Seconds past the deadline before a run is late: workers between writes stop by
-themselves at the deadline, and a write that merely spans it comes back."""
 
 
 def run_bounded(
@@ -43,7 +40,7 @@ def run_bounded(
 ) -> tuple[list[engine.Outcome[Item]], bool]:
     """Run `work` group by group; return the outcomes and whether the run was late.
 
-    Late: not finished at the deadline (plus GRACE for workers between writes).  Then
+    Late: not finished at the deadline (plus LATE_GRACE for workers between writes).  Then
     the caller has been answered (exit 1) before this returns, the devices whose write
     is in the kernel are marked stuck, and the outcomes are final.  `stop_when_late`:
     items not started by then never start (a start that failed binds nothing more; a
@@ -51,7 +48,7 @@ def run_bounded(
     for the message; `afterwards(entry)` says what happens to a stuck device later.
     """
     run = engine.start(items, group_of, work)
-    if run.wait(until=deadline) or _wait_for_stragglers(host, run, entry_of, deadline + GRACE):
+    if run.wait(until=deadline) or _wait_for_stragglers(host, run, entry_of, deadline + LATE_GRACE):
         run.raise_fatal()
         return run.outcomes, False
     try:
@@ -80,7 +77,7 @@ def run_bounded(
 def _wait_for_stragglers(
     host: Host, run: engine.Run[Item], entry_of: Callable[[Item], Entry], until: float,
 ) -> bool:
-    """Wait until `until`, or until a write has been in the kernel for GRACE already (it
+    """Wait until `until`, or until a write has been in the kernel for LATE_GRACE already (it
     is stuck: answer now); True if every worker finished."""
     while True:
         now = time.monotonic()
@@ -90,7 +87,7 @@ def _wait_for_stragglers(
             return False
         for outcome in run.unfinished:
             inside = host.switcher.in_kernel.get(entry_of(outcome.item).address)
-            if inside is not None and now - inside[1] >= GRACE:
+            if inside is not None and now - inside[1] >= LATE_GRACE:
                 return False
 
 
@@ -153,10 +150,8 @@ def answer(host: Host, code: int, message: str) -> None:
 
 def refuse_if_stuck(host: Host, domain: str) -> list[str]:
     """`domain`'s devices still stuck in a live run's kernel write, as one line each."""
-    lines = []
-    for entry in host.journal.read().for_domain(domain):
-        if entry.status == "stuck" and host.domain_locks.busy(domain):
-            age = time.time() - entry.updated
-            lines.append(f"{entry.address}: {entry.error} (stuck for {age:.0f} s; "
-                         f"pid {entry.pid} finishes the job when the write returns)")
-    return lines
+    stuck = [e for e in host.journal.read().for_domain(domain) if e.status == "stuck"]
+    if not stuck or not host.domain_locks.busy(domain):
+        return []  # none, or abandoned: a release or restore may take them over
+    return [f"{e.address}: {e.error} (stuck for {time.time() - e.updated:.0f} s; "
+            f"pid {e.pid} finishes the job when the write returns)" for e in stuck]

@@ -103,10 +103,14 @@ def test_a_crash_in_one_group_is_a_crash_of_the_run():
             raise OSError("EBUSY")
         done.append(n)
 
+    killed = engine.start(list(range(8)), lambda n: n % 4, work)
+    assert killed.wait() is True  # every worker has stopped first
     with pytest.raises(Killed):
-        engine.by_group(list(range(8)), lambda n: n % 4, work)
-    outcomes = engine.by_group([0, 1, 2, 5, 6], lambda n: n % 4, lambda n: work(n) if n != 3 else None)
-    assert [(o.item, type(o.error).__name__ if o.error else None, o.attempted) for o in outcomes] == [
+        killed.raise_fatal()
+    run = engine.start([0, 1, 2, 5, 6], lambda n: n % 4, lambda n: work(n) if n != 3 else None)
+    run.wait()
+    run.raise_fatal()
+    assert [(o.item, type(o.error).__name__ if o.error else None, o.attempted) for o in run.outcomes] == [
         (0, None, True), (1, None, True), (2, None, True), (5, "OSError", True), (6, None, True)]
 
 
@@ -118,8 +122,9 @@ def test_a_group_stops_at_its_first_failure():
         if n == 1:
             raise ValueError("no")
 
-    outcomes = engine.by_group([1, 3, 5, 2], lambda n: n % 2, work)
-    assert [o.attempted for o in outcomes] == [True, False, False, True]
+    run = engine.start([1, 3, 5, 2], lambda n: n % 2, work)
+    run.wait()
+    assert [o.attempted for o in run.outcomes] == [True, False, False, True]
     assert sorted(seen) == [1, 2]
 
 

@@ -42,15 +42,15 @@ def test_an_undo_that_raises_does_not_lose_the_rest_of_its_group(short, monkeypa
     """The NIC's bind fails, so the GPU and its audio function are rolled back; one journal
     write failing for one of them must neither stop the other nor drop its entry."""
     short.faults.probe_fails[NIC] = {"virtio-vfio-pci"}
-    real, hit = restore.journal_status, []
+    real, hit = restore.save_entry, []
 
-    def flaky(host, entry, status, error=""):
-        if status == "restoring" and not hit and entry.address in (GPU_BDF, AUDIO_BDF):
+    def flaky(host, entry):
+        if entry.status == "restoring" and not hit and entry.address in (GPU_BDF, AUDIO_BDF):
             hit.append(entry.address)
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(host, entry, status, error)
+        return real(host, entry)
 
-    monkeypatch.setattr(restore, "journal_status", flaky)
+    monkeypatch.setattr(restore, "save_entry", flaky)
     with pytest.raises(OperationError, match="rolled back 3 device"):
         prepare(Host(Settings.from_env()), Domain.from_xml(domain_xml("vm1", pci(GPU_BDF), pci(AUDIO_BDF),
                                                                       pci(NIC))))
@@ -64,14 +64,14 @@ def test_a_release_whose_journal_fails_reports_it_and_tries_every_device(short, 
     assert run_hook("vm1", "prepare", "begin", domain_xml("vm1", pci(GPU_BDF), pci(AUDIO_BDF))) == 0
     first, second = sorted([GPU_BDF, AUDIO_BDF])
     short.faults.probe_fails[first] = {"nouveau", "snd_hda_intel"}
-    real = restore.journal_status
+    real = restore.save_entry
 
-    def locked(host, entry, status, error=""):
-        if status == "restore-failed":
+    def locked(host, entry):
+        if entry.status == "restore-failed":
             raise OperationError("journal lock held by another process for 30s")
-        return real(host, entry, status, error)
+        return real(host, entry)
 
-    monkeypatch.setattr(restore, "journal_status", locked)
+    monkeypatch.setattr(restore, "save_entry", locked)
     failures = release(Host(Settings.from_env()), "vm1")
     assert len(failures) == 1 and failures[0].startswith(f"{first}: ") and "did not bind" in failures[0]
     assert short.driver_of(first) == "vfio-pci"  # kept on its VFIO driver, never driverless
