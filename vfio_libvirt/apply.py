@@ -141,18 +141,9 @@ class Switcher:
     def bind(self, address: PciAddress, driver: str, seconds: float) -> None:
         """Make `driver` (and only it) drive the device, within `seconds`."""
         deadline = time.monotonic() + seconds
-        last: Exception | None = None
         for attempt in retrying(seconds):
             with attempt:
-                try:
-                    self._bind_once(address, driver, deadline)
-                except TooLate:
-                    if last is not None:  # out of time while retrying: say what kept failing
-                        raise last from None
-                    raise
-                except Exception as err:
-                    last = err
-                    raise
+                self._bind_once(address, driver, deadline)
 
     def restore(
         self, address: PciAddress, driver: str | None, override: str | None, seconds: float

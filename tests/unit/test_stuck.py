@@ -95,16 +95,20 @@ def test_prepare_answers_at_the_deadline_while_an_unbind_never_returns(short, ca
     assert err.count(f"{NIC}: unbind from virtio-pci still in the kernel") == 2
     assert f"pid {os.getpid()} finishes the job" in err
 
+    time.sleep(max(0.0, run.started + DEADLINE + 0.5 - time.monotonic()))  # well past the grace
     gate.set()  # the driver's remove() returns at last
     result = run.finish()
     assert isinstance(result, OperationError) and "rolled back 1 device(s)" in str(result)
     assert short.driver_of(NIC) == "virtio-pci" and short.override_of(NIC) is None
     assert journal() == {}
-    # the late unbind was not followed by a bind the start no longer wanted
+    # the late unbind was not followed by a bind the start no longer wanted: the one
+    # probe is the rollback's, and nothing was ever unbound from the VFIO driver
     assert ("sys/bus/pci/drivers_probe", NIC) in short.writes
     assert not any(w[1].strip() == "virtio-vfio-pci" and w[0].endswith("driver_override")
                    and i > short.writes.index(("sys/bus/pci/drivers_probe", NIC))
                    for i, w in enumerate(short.writes))
+    assert short.writes.count(("sys/bus/pci/drivers_probe", NIC)) == 1
+    assert not [w for w in short.writes if w[0].endswith("virtio-vfio-pci/unbind")]
 
 
 def test_release_answers_at_the_deadline_while_a_probe_never_returns(short):
@@ -245,3 +249,59 @@ def test_retries_that_run_out_of_time_report_what_kept_failing(short):
         switcher.bind(PciAddress.parse(E1000), "vfio-pci", 0.5)
     assert time.monotonic() - began < 0.5 + 0.1  # no backoff sleep past the deadline
     assert type(caught.value).__name__ == "NotYet"
+
+
+def test_a_retry_whose_unbind_comes_back_late_says_so(short, monkeypatch):
+    """The first unbind is refused (EBUSY); the retry's unbind sleeps past the deadline and
+    its grace: the bind stops there and says why, rather than repeating the old EBUSY."""
+    import vfio_libvirt.sysfs
+    from vfio_libvirt.apply import Switcher, TooLate
+    from vfio_libvirt.pci import PciAddress
+    from vfio_libvirt.sysfs import Sysfs
+
+    short.faults.unbind_ebusy[E1000] = 1
+    write, unbinds = short.write, []
+
+    def slow_second_unbind(path, value):
+        if Path(path).name == "unbind":
+            unbinds.append(value)
+            if len(unbinds) == 2:
+                time.sleep(0.8)
+        write(path, value)
+
+    monkeypatch.setattr(vfio_libvirt.sysfs, "_write", slow_second_unbind)
+    switcher = Switcher(Sysfs(Path(os.environ["VFIO_LIBVIRT_SYSFS_ROOT"])), [])
+    with pytest.raises(TooLate, match="the deadline passed before drivers_probe for vfio-pci"):
+        switcher.bind(PciAddress.parse(E1000), "vfio-pci", 0.3)
+    assert len(unbinds) == 2 and short.driver_of(E1000) is None  # the rollback's to send home
+
+
+def test_a_stuck_entry_nobody_waits_on_shows_as_abandoned(short, capsys):
+    """The process waiting for the kernel was killed: status must not look alive, and the
+    domain's release takes the device over instead of deferring to a dead pid."""
+    from dataclasses import replace
+
+    assert run_hook("vm1", "prepare", "begin", domain_xml("vm1", pci(NIC))) == 0
+    host = Host(Settings.from_env())
+    with host.journal.transaction() as entries:
+        stuck = replace(entries[NIC])
+        stuck.touch("stuck", "unbind from virtio-vfio-pci still in the kernel after 3 s")
+        stuck.pid = 999999
+        entries[NIC] = stuck
+    capsys.readouterr()
+    assert cli_main(["status"]) == 0
+    assert re.search(rf"^{NIC}  virtio-vfio-pci +stuck for 0 s, abandoned", capsys.readouterr().out, re.M)
+    assert run_hook("vm1", "release", "end", b"") == 0
+    assert short.driver_of(NIC) == "virtio-pci" and journal() == {}
+
+
+def test_a_journal_save_that_fails_leaves_no_temporary_file(short, monkeypatch):
+    host = Host(Settings.from_env())
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space"), host.journal.transaction() as entries:
+        entries.unknown["x"] = 1  # any change makes the transaction save
+    assert not list(host.journal.dir.glob(".journal.json.*.tmp"))
