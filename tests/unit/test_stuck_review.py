@@ -106,3 +106,38 @@ def test_a_start_whose_budget_went_on_waiting_switches_nothing(short, monkeypatc
     with pytest.raises(OperationError, match=r"bind_seconds \(1 s\) used up before any device"):
         prepare(Host(Settings.from_env()), Domain.from_xml(domain_xml("vm1", pci(NIC))))
     assert len(short.writes) == writes and journal() == {}
+
+
+def test_a_device_the_rollback_cannot_send_home_keeps_its_entry(short):
+    """The start fails on the NIC; the GPU's own driver then refuses it: the GPU stays on
+    vfio-pci, never driverless, and its entry stays (restore-failed) for restore --domain."""
+    short.faults.probe_fails[NIC] = {"virtio-vfio-pci"}
+    short.faults.probe_fails[GPU_BDF] = {"nouveau"}
+    with pytest.raises(OperationError, match="rolled back 2 device"):
+        prepare(Host(Settings.from_env()), Domain.from_xml(domain_xml("vm1", pci(GPU_BDF), pci(AUDIO_BDF),
+                                                                      pci(NIC))))
+    assert (short.driver_of(GPU_BDF), short.driver_of(AUDIO_BDF), short.driver_of(NIC)) == (
+        "vfio-pci", "snd_hda_intel", "virtio-pci")
+    entries = journal()
+    assert set(entries) == {GPU_BDF} and entries[GPU_BDF]["status"] == "restore-failed"
+
+
+def test_a_restore_that_raises_is_reported_and_its_group_goes_on(short, monkeypatch):
+    """Whatever escapes one device's restore is that device's failure: the release says so
+    (the hook exits 1) and still sends the rest of the IOMMU group home."""
+    from vfio_libvirt import lifecycle
+
+    assert run_hook("vm1", "prepare", "begin", domain_xml("vm1", pci(GPU_BDF), pci(AUDIO_BDF))) == 0
+    first, second = sorted([GPU_BDF, AUDIO_BDF])
+    real = lifecycle.restore_entry
+
+    def broken(host, entry, *args, **kwargs):
+        if entry.address == first:
+            raise RuntimeError("an unforeseen bug")
+        return real(host, entry, *args, **kwargs)
+
+    monkeypatch.setattr(lifecycle, "restore_entry", broken)
+    failures = release(Host(Settings.from_env()), "vm1")
+    assert failures == [f"{first}: an unforeseen bug"]
+    assert short.driver_of(second) in ("nouveau", "snd_hda_intel")
+    assert set(journal()) == {first}
