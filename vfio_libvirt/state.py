@@ -52,6 +52,7 @@ _FIELDS: dict[str, tuple[type, ...]] = {
     "original_driver": (str, type(None)), "original_override": (str, type(None)),
     "status": (str,), "target_module": (str, type(None)), "target_driver": (str, type(None)),
     "reason": (str,), "error": (str,), "updated": (int, float), "pid": (int, type(None)),
+    "network": (str, type(None)),
 }
 _REQUIRED = tuple(_FIELDS)[:7]
 
@@ -76,6 +77,9 @@ class Entry:
     """The process that last wrote the entry, for the admin reading status; whether a run
     is still at work on it is told by the domain lock (locks.DomainLocks.busy), because
     a pid can be reused.  None when a writer older than the field made it."""
+    network: str | None = None
+    """The libvirt network whose port gave the device to the domain (the network hook
+    switched it, and restores it when the port is deleted); None for the qemu hook's."""
     extra: dict[str, object] = field(default_factory=dict)
     """Fields a newer version wrote; written back as they were, beside the known ones."""
 

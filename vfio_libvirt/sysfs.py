@@ -80,6 +80,13 @@ class Sysfs:
             return []
         return [PciAddress.parse(name) for name in names]
 
+    def physfn(self, address: PciAddress) -> PciAddress | None:
+        """The SR-IOV PF of a VF (its `physfn` link); None for anything else."""
+        try:
+            return PciAddress.parse(os.readlink(self.device_dir(address) / "physfn").rsplit("/", 1)[-1])
+        except (OSError, InputError):
+            return None
+
     def has_vfio_dev(self, address: PciAddress) -> bool:
         """A VFIO driver that registered the device created `vfio-dev/vfioN` (5.19+ cdev)."""
         try:
