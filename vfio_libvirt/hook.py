@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import os
 import sys
-import time
+
+from vfio_libvirt.hookrun import PREFIX, answer_early, guarded, journal_exists, run
 
 # `typing` alone costs more than the whole fast path; only type checkers need these.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Sequence
     from typing import BinaryIO
-
-PREFIX = "vfio-libvirt"
 
 
 def main(
@@ -43,69 +42,16 @@ def main(
         data = (stdin or sys.stdin.buffer).read(MAX_XML_BYTES + 1)
         if not may_assign_pci(data):
             return 0  # USB, SCSI, mdev or network devices only: nothing of ours to do
-        return _run(domain_name, lambda channel: _prepare(domain_name, data, dry_run, channel),
-                    detach and not dry_run)
-    if (op, subop) in (("release", "end"), ("reconnect", "begin")) and not _journal_exists():
+        return run(domain_name, lambda channel: _prepare(domain_name, data, dry_run, channel),
+                   detach and not dry_run)
+    if (op, subop) in (("release", "end"), ("reconnect", "begin")) and not journal_exists():
         return 0  # nothing was ever switched (or a reboot cleared /run with every binding)
     if (op, subop) == ("release", "end"):
-        return _run(domain_name, lambda channel: _release(domain_name, dry_run, channel),
-                    detach and not dry_run)
+        return run(domain_name, lambda channel: _release(domain_name, dry_run, channel),
+                   detach and not dry_run)
     if (op, subop) == ("reconnect", "begin"):
-        return _guarded(domain_name, lambda: _reconnect(domain_name))
+        return guarded(domain_name, lambda: _reconnect(domain_name))
     return 0
-
-
-def _journal_exists() -> bool:
-    """A journal, or one set aside as unreadable (release must say so): work to do."""
-    state_dir = os.environ.get("VFIO_LIBVIRT_STATE_DIR") or "/run/vfio-libvirt"
-    try:
-        names = os.listdir(state_dir)
-    except OSError:
-        return False
-    return any(n == "journal.json" or n.startswith("journal.unreadable.") for n in names)
-
-
-def _run(domain_name: str, action, detach: bool) -> int:
-    """`action(channel)` in this process (channel None), or in a detached child (detach.py)."""
-    if not detach:
-        return _guarded(domain_name, lambda: action(None))
-    from vfio_libvirt import detach as detached
-
-    return detached.run(lambda channel: _guarded(domain_name, lambda: action(channel)),
-                        f"{PREFIX}: {domain_name}")
-
-
-def _answer_early(host, channel, domain_name: str, seconds: float) -> None:
-    """Promise the parent an answer within `seconds`, and let the run answer before it ends."""
-    if channel is None:
-        return
-    channel.promise(time.monotonic() + seconds)
-
-    def answer(code: int, line: str) -> None:
-        print(f"{PREFIX}: {domain_name}: {line}", file=sys.stderr)
-        channel.answer(code, final=False)
-
-    host.answer = answer
-
-
-def _guarded(domain_name: str, action) -> int:
-    """Run `action` with logging set up; turn every failure into one line and an exit code."""
-    import logging
-
-    from vfio_libvirt.errors import VfioLibvirtError
-
-    _setup_logging()
-    try:
-        return action()
-    except VfioLibvirtError as err:
-        logging.getLogger("vfio_libvirt").error("%s: %s", domain_name, err)
-        print(f"{PREFIX}: {domain_name}: {err}", file=sys.stderr)
-        return err.exit_code
-    except Exception as err:
-        logging.getLogger("vfio_libvirt").exception("%s: internal error", domain_name)
-        print(f"{PREFIX}: {domain_name}: internal error: {type(err).__name__}: {err}",
-              file=sys.stderr)
-        return 1
 
 
 def _prepare(domain_name: str, data: bytes, dry_run: bool, channel) -> int:
@@ -122,7 +68,7 @@ def _prepare(domain_name: str, data: bytes, dry_run: bool, channel) -> int:
         return 0
     host = Host(Settings.from_env(), read_only=dry_run)
     # a start answers by its binds' deadline plus a rollback's
-    _answer_early(host, channel, domain_name, host.config.bind_timeout + host.config.restore_timeout)
+    answer_early(host, channel, domain_name, host.config.bind_timeout + host.config.restore_timeout)
     if dry_run:
         plan = preview(host, domain)
         for step in plan.steps:
@@ -139,7 +85,7 @@ def _release(domain_name: str, dry_run: bool, channel) -> int:
     from vfio_libvirt.settings import Settings
 
     host = Host(Settings.from_env(), config_fallback=True)
-    _answer_early(host, channel, domain_name, host.config.restore_timeout)
+    answer_early(host, channel, domain_name, host.config.restore_timeout)
     if dry_run:
         for entry in host.journal.read().for_domain(domain_name):
             print(f"{entry.address}: would restore to {entry.original_driver or 'no driver'}")
@@ -162,25 +108,3 @@ def _reconnect(domain_name: str) -> int:
     for line in drift(host, domain_name):
         logging.getLogger("vfio_libvirt").warning("%s: drift: %s", domain_name, line)
     return 0
-
-
-def _setup_logging() -> None:
-    """Log to the system journal/syslog, tagged, with domain and BDF in every message."""
-    import logging
-    import logging.handlers
-
-    logger = logging.getLogger("vfio_libvirt")
-    if logger.handlers:
-        return
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-    # stderr is for the one line libvirt shows the user; details go to syslog only
-    logger.addHandler(logging.NullHandler())
-    address = os.environ.get("VFIO_LIBVIRT_SYSLOG", "/dev/log")
-    if address and os.path.exists(address):
-        try:
-            handler = logging.handlers.SysLogHandler(address=address)
-        except OSError:
-            return
-        handler.setFormatter(logging.Formatter(f"{PREFIX}[%(process)d]: %(message)s"))
-        logger.addHandler(handler)
