@@ -15,6 +15,7 @@ import logging
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, NoReturn
 
 from vfio_libvirt.errors import InputError
@@ -34,6 +35,21 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+@dataclass
+class Finding:
+    """One line of `doctor`.  Here, not in cli_libvirt, because the doctor's checks are
+    spread over modules (doctor_networks) that cli_libvirt calls, not the other way."""
+
+    level: str  # ok, warn, fail
+    what: str
+    fix: str = ""
+    bad_input: bool = False
+    """A fail that is the admin's input (the config): doctor then exits 2, not 1."""
+
+    def to_json(self) -> dict[str, str]:
+        return {"level": self.level, "what": self.what, "fix": self.fix}
 
 
 def read_input(source: str, limit: int) -> bytes:

@@ -78,6 +78,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         on_vfio = host.on_vfio_driver(address)
         if entry is None and not on_vfio:
             continue
+        pf = host.sysfs.physfn(address)
         rows.append({
             "address": key,
             "driver": driver,
@@ -90,6 +91,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
             "error": entry.error if entry else "",
             "age_seconds": round(time.time() - entry.updated, 1) if entry else None,
             "worked_on": host.domain_locks.busy(entry.domain) if entry and entry.in_flight else None,
+            "pf": str(pf) if pf else None,
+            "network": entry.network if entry else None,
         })
     drifted = drift(host)
     if args.json:
@@ -105,7 +108,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         if status == "stuck":  # how long the kernel has kept the write, and is anyone waiting
             status += f" for {row['age_seconds']:.0f} s" + ("" if row["worked_on"] else ", abandoned")
         print(f"{row['address']}  {row['driver'] or '(none)':<18} {status:<15} "
-              f"domain={owner}  original={row['original_driver'] or '-'}{running}"
+              f"domain={owner}  original={row['original_driver'] or '-'}{running}{_sriov_note(row)}"
               + (f"  error: {row['error']}" if row["error"] else ""))
     for line in drifted:
         print(f"drift: {line}")
@@ -113,6 +116,14 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         print(f"journal: {line}")
     print(f"libvirt: {libvirt_note}")
     return 0
+
+
+def _sriov_note(row: dict) -> str:
+    """`  VF of <PF>, pool <network>`: which PF a VF hangs off (unbinding that PF's driver
+    destroys it) and which libvirt network handed it out (its port-deleted restores it)."""
+    parts = ([f"VF of {row['pf']}"] if row["pf"] else []) + (
+        [f"pool {row['network']}"] if row["network"] else [])
+    return "  " + ", ".join(parts) if parts else ""
 
 
 def _libvirt_owners(uri: str | None) -> tuple[dict[str, str], str]:

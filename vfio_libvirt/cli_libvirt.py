@@ -9,24 +9,12 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from vfio_libvirt.cli_common import Command, core_logs_silenced, emit_json, require_valid_config
+from vfio_libvirt.cli_common import Command, Finding, core_logs_silenced, emit_json, require_valid_config
+from vfio_libvirt.doctor_networks import NETWORK_HOOK
 from vfio_libvirt.errors import InputError, OperationError, VfioLibvirtError
 from vfio_libvirt.settings import Settings
-
-
-@dataclass
-class Finding:
-    level: str  # ok, warn, fail
-    what: str
-    fix: str = ""
-    bad_input: bool = False
-    """A fail that is the admin's input (the config): doctor then exits 2, not 1."""
-
-    def to_json(self) -> dict[str, str]:
-        return {"level": self.level, "what": self.what, "fix": self.fix}
 
 
 def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
@@ -35,7 +23,7 @@ def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
     # every finding is printed below; the core's own warnings (the config problems,
     # again) would only repeat them on stderr
     with core_logs_silenced():
-        findings = doctor(settings, args.connect, Path(args.hook))
+        findings = doctor(settings, args.connect, Path(args.hook), Path(args.network_hook))
     if args.json:
         emit_json([f.to_json() for f in findings])
     else:
@@ -47,7 +35,7 @@ def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
     return 1 if failed else 0
 
 
-def doctor(settings: Settings, uri: str | None, hook: Path) -> list[Finding]:
+def doctor(settings: Settings, uri: str | None, hook: Path, network_hook: Path) -> list[Finding]:
     from vfio_libvirt.aliases import AliasTable
     from vfio_libvirt.libvirt_version import VARIANT_MIN
     from vfio_libvirt.lifecycle import Host
@@ -86,7 +74,7 @@ def doctor(settings: Settings, uri: str | None, hook: Path) -> list[Finding]:
     if state.exists() and (state.stat().st_mode & 0o077):
         out.append(Finding("warn", f"state dir {state} is readable by others", f"chmod 700 {state}"))
     out += _journal_findings(host) if state.exists() else [Finding("ok", "journal: 0 device(s)")]
-    out += _domain_findings(host, uri)
+    out += _libvirt_findings(host, uri, network_hook)
     return out
 
 
@@ -167,15 +155,16 @@ def _hook_findings(hook: Path) -> list[Finding]:
     return found
 
 
-def _daemon_start_times() -> dict[str, float]:
-    """Running libvirt daemons and when they started (epoch seconds)."""
+def _daemon_start_times(names: tuple[str, ...] = ("libvirtd", "virtqemud")) -> dict[str, float]:
+    """The running daemons of `names` and when they started (epoch seconds); by default
+    those that run the qemu hook."""
     boot = _boot_time()
     ticks = os.sysconf("SC_CLK_TCK")
     found = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             name = Path(f"/proc/{pid}/comm").read_text().strip()
-            if name not in ("libvirtd", "virtqemud"):
+            if name not in names:
                 continue
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             found[name] = boot + int(fields[19]) / ticks
@@ -191,15 +180,33 @@ def _boot_time() -> float:
     return 0.0
 
 
-def _domain_findings(host, uri: str | None) -> list[Finding]:
+def _libvirt_findings(host, uri: str | None, network_hook: Path) -> list[Finding]:
+    """Every domain's devices and every SR-IOV hostdev network, over one read-only connection."""
+    from vfio_libvirt.doctor_networks import NETWORK_DAEMONS, NetworkXml, network_findings, read_networks
+    from vfio_libvirt.virt import connect, xml_of
+
+    networks: list[NetworkXml] = []
+    network_error = ""
+    try:
+        with connect(uri) as conn:
+            domains = {dom.name(): xml_of(dom) for dom in conn.listAllDomains()}
+            try:
+                networks = read_networks(conn)
+            except VfioLibvirtError as err:  # the domains are still worth checking
+                network_error = str(err)
+    except VfioLibvirtError as err:
+        return [Finding("warn", f"cannot list domains or networks: {err}")]
+    found = _domain_findings(host, domains)
+    if network_error:
+        return [*found, Finding("warn", network_error)]
+    # looked at after the listing, which socket-activates virtnetworkd if it had exited
+    return found + network_findings(networks, network_hook, _daemon_start_times(NETWORK_DAEMONS))
+
+
+def _domain_findings(host, domains: dict[str, bytes]) -> list[Finding]:
     from vfio_libvirt.domain import Domain
     from vfio_libvirt.lifecycle import make_plan
-    from vfio_libvirt.virt import all_domains
 
-    try:
-        domains = all_domains(uri)
-    except VfioLibvirtError as err:
-        return [Finding("warn", f"cannot list domains: {err}")]
     found = []
     for name, xml in sorted(domains.items()):
         try:
@@ -346,9 +353,12 @@ def cmd_detach(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def register(command: Command) -> None:
-    p = command("doctor", cmd_doctor, "check IOMMU, VFIO modules, libvirt, the hook and every domain")
+    p = command("doctor", cmd_doctor,
+                "check IOMMU, VFIO modules, libvirt, the hooks, every domain and SR-IOV network")
     p.add_argument("--connect", metavar="URI")
     p.add_argument("--hook", default="/etc/libvirt/hooks/qemu.d/vfio-libvirt")
+    p.add_argument("--network-hook", default=NETWORK_HOOK,
+                   help="checked for every managed='no' SR-IOV hostdev network")
     p.add_argument("--json", action="store_true")
 
     p = command("adopt", cmd_adopt, "switch a domain's managed='yes' PCI devices to the hook")

@@ -53,7 +53,7 @@ def test_bind_status_restore_by_hand(sim, capsys):
     assert status["devices"] == [{
         "address": E1000, "driver": "vfio-pci", "driver_override": "vfio-pci",
         "original_driver": "e1000e", "domain": "manual", "libvirt_domain": None, "role": "bind",
-        "status": "bound", "error": ""}]
+        "status": "bound", "error": "", "pf": None, "network": None}]
     assert main(["restore", E1000]) == 0
     assert sim.driver_of(E1000) == "e1000e" and sim.override_of(E1000) is None
     assert main(["status", "--json"]) == 0

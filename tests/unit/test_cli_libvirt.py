@@ -59,6 +59,7 @@ class FakeConn:
         for dom in self.domains.values():
             dom.conn = self
         return list(self.domains.values())
+    def listAllNetworks(self): return []
     def getURI(self): return "fake:///"
     def defineXML(self, xml): self.defined.append(xml)
     def close(self): pass
