@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Install (or --uninstall) vfio-libvirt: the package, the `vfio-libvirt` CLI and the
-# libvirt qemu hook /etc/libvirt/hooks/qemu.d/vfio-libvirt.
+# Install (or --uninstall) vfio-libvirt: the package, the `vfio-libvirt` CLI, the
+# libvirt qemu hook /etc/libvirt/hooks/qemu.d/vfio-libvirt and the network hook
+# /etc/libvirt/hooks/network.d/vfio-libvirt (VFs of managed='no' hostdev network pools).
 #
 #   sudo ./install.sh [--root DIR] [--dry-run] [--no-deps]
 #   sudo ./install.sh --uninstall [--force] [--root DIR] [--dry-run]
@@ -21,7 +22,7 @@ while [ $# -gt 0 ]; do
         --uninstall) UNINSTALL=1 ;;
         --force) FORCE=1 ;;
         --no-deps) DEPS=0 ;;
-        -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
         *) echo "install.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -32,6 +33,7 @@ LIB="$ROOT/usr/lib/vfio-libvirt"
 MANIFEST="$LIB/MANIFEST"
 HOOK_DIR="$ROOT/etc/libvirt/hooks/qemu.d"
 HOOK="$HOOK_DIR/vfio-libvirt"
+NET_HOOK="$ROOT/etc/libvirt/hooks/network.d/vfio-libvirt"
 BIN="$ROOT/usr/local/sbin/vfio-libvirt"
 CONF_DIR="$ROOT/etc/vfio-libvirt"
 CONF="$CONF_DIR/config.toml"
@@ -70,7 +72,8 @@ put() {
 reload_libvirt() {
     [ -z "$ROOT" ] || { say "installed into $ROOT: no daemon to reload"; return; }
     local daemon reloaded=0
-    for daemon in virtqemud libvirtd; do
+    # the network hook runs in virtnetworkd on a modular host, in libvirtd otherwise
+    for daemon in virtqemud virtnetworkd libvirtd; do
         if command -v systemctl >/dev/null && systemctl is-active --quiet "$daemon" 2>/dev/null; then
             run systemctl reload "$daemon" && say "reloaded $daemon: it now runs the hook" && reloaded=1
         elif pidof "$daemon" >/dev/null 2>&1; then
@@ -116,6 +119,10 @@ from vfio_libvirt.hook import main
 sys.exit(main())
 HOOK
     put "$HOOK" "$tmp/hook" 0755
+    sed -e 's/qemu hook, installed/network hook, installed/' \
+        -e 's/every domain event/every network event and port/' \
+        -e 's/vfio_libvirt.hook import/vfio_libvirt.network_hook import/' "$tmp/hook" > "$tmp/net-hook"
+    put "$NET_HOOK" "$tmp/net-hook" 0755
     cat > "$tmp/cli" <<CLI
 #!/usr/bin/python3
 import sys
@@ -137,7 +144,7 @@ CLI
     printf '%s\n' "${INSTALLED[@]}" | sort -u > "$tmp/manifest"
     put "$MANIFEST" "$tmp/manifest" 0644
     reload_libvirt
-    say "done: hook $HOOK, CLI $BIN, config $CONF"
+    say "done: hooks $HOOK and $NET_HOOK, CLI $BIN, config $CONF"
 }
 
 do_uninstall() {

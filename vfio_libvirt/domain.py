@@ -23,7 +23,8 @@ __all__ = ["MAX_XML_BYTES", "Domain", "HostDev", "parse_xml", "pci_hostdevs"]
 _NO_DTD = "XML with DOCTYPE or entity declarations is not accepted"
 
 
-Origin = Literal["hostdev", "interface"]
+Origin = Literal["hostdev", "interface", "network"]
+"""network: a VF a hostdev network pool gave the domain (netport.py, the network hook)."""
 
 
 @dataclass(frozen=True)

@@ -152,6 +152,7 @@ class Host:
             iommu_group=s.iommu_group(address),
             has_vfio_dev=s.has_vfio_dev(address),
             is_bridge=s.is_bridge(address),
+            physfn=s.physfn(address),
         )
 
     def on_vfio_driver(self, address: PciAddress) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import replace
 
 from vfio_libvirt.apply import describe
@@ -44,8 +45,11 @@ class PlanRefused(OperationError):
 
 
 # --- prepare ---------------------------------------------------------------------------
-def prepare(host: Host, domain: Domain) -> Plan:
+def prepare(host: Host, domain: Domain, network: str | None = None) -> Plan:
     """Bind every managed='no' device of `domain` to its VFIO driver, or change nothing.
+
+    `network`: the devices are a port of that libvirt network (the network hook); their
+    journal entries say so, and the port's deletion gives them back.
 
     The whole start, waits included, has one deadline (`bind_seconds`): libvirt puts no
     timeout on hooks.  A write still in the kernel then: the caller is told the start
@@ -56,11 +60,11 @@ def prepare(host: Host, domain: Domain) -> Plan:
     if stuck := refuse_if_stuck(host, domain.name):
         raise OperationError(stuck[0] + "; start it again after that")
     with host.domain_locks.hold(domain.name, host.config.bind_timeout):
-        return _prepare(host, domain, deadline)
+        return _prepare(host, domain, deadline, network)
 
 
-def _prepare(host: Host, domain: Domain, deadline: float) -> Plan:
-    plan, claimed, before = _plan_and_claim(host, domain, deadline)
+def _prepare(host: Host, domain: Domain, deadline: float, network: str | None) -> Plan:
+    plan, claimed, before = _plan_and_claim(host, domain, deadline, network)
     binds = [step for step in plan.steps if step.action == "bind"]
     drivers: dict[str, str] = {}
     for step in binds:  # each module is loaded once, before any device is touched
@@ -144,7 +148,7 @@ def _group_of(step: Step) -> str:
 
 
 def _plan_and_claim(
-    host: Host, domain: Domain, deadline: float
+    host: Host, domain: Domain, deadline: float, network: str | None
 ) -> tuple[Plan, dict[str, Entry], dict[str, Entry | None]]:
     """Plan from sysfs and claim in the journal under one lock, so no stop can slip between.
 
@@ -163,7 +167,7 @@ def _plan_and_claim(
             holder = _other_holder(entries, domain.name, plan)
             if holder is None:
                 before = {str(s.address): entries.get(str(s.address)) for s in plan.steps}
-                return plan, _claim(entries, domain, plan), before
+                return plan, _claim(entries, domain, plan, network), before
         if time.monotonic() >= deadline:
             address, entry = holder
             raise OperationError(
@@ -196,7 +200,7 @@ def _other_holder(entries: Entries, domain: str, plan: Plan) -> tuple[str, Entry
     return None
 
 
-def _claim(entries: Entries, domain: Domain, plan: Plan) -> dict[str, Entry]:
+def _claim(entries: Entries, domain: Domain, plan: Plan, network: str | None) -> dict[str, Entry]:
     """Record every device this domain will use; an older entry of its own is kept as truth."""
     claimed: dict[str, Entry] = {}
     for step in plan.steps:
@@ -215,6 +219,7 @@ def _claim(entries: Entries, domain: Domain, plan: Plan) -> dict[str, Entry]:
                 role=role,  # type: ignore[arg-type]  # bind/watch/keep are journal roles
                 original_driver=step.original_driver, original_override=step.original_override,
                 status=status,  # type: ignore[arg-type]
+                network=network,
             )
         else:
             # Started again without a release: what the device had before *this domain*
@@ -275,8 +280,10 @@ def _rollback(
 
 
 # --- release and restore ---------------------------------------------------------------
-def release(host: Host, domain_name: str) -> list[str]:
+def release(host: Host, domain_name: str, only: Callable[[Entry], bool] | None = None) -> list[str]:
     """Give back everything the journal says `domain_name` took; return the failures.
+
+    `only`: just the entries it accepts (a network port's VF when the port is deleted).
 
     One deadline (`restore_seconds`) covers the whole release: a holder that keeps one
     device keeps its whole IOMMU group, and waiting again per device would multiply it.
@@ -290,8 +297,9 @@ def release(host: Host, domain_name: str) -> list[str]:
     with host.domain_locks.hold(domain_name, host.config.restore_timeout):
         snapshot = host.journal.read()
         failures = [f"journal: {problem}" for problem in snapshot.problems]
-        entries = _mark_restoring(host, [e for e in snapshot.for_domain(domain_name) if e.role != "keep"])
-        home = [e for e in snapshot.for_domain(domain_name) if e.role == "keep"]
+        mine = [e for e in snapshot.for_domain(domain_name) if only is None or only(e)]
+        entries = _mark_restoring(host, [e for e in mine if e.role != "keep"])
+        home = [e for e in mine if e.role == "keep"]
 
         def give_back(entry: Entry) -> None:
             # caught here, so one device's trouble never stops the rest of its group going home

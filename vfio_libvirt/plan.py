@@ -40,6 +40,8 @@ class DeviceState:
     iommu_group: str | None
     has_vfio_dev: bool = False
     is_bridge: bool = False
+    physfn: PciAddress | None = None
+    """The SR-IOV PF of a VF: never a companion (unbinding it destroys every VF)."""
 
     @property
     def on_vfio_driver(self) -> bool:
@@ -315,6 +317,10 @@ def _libvirt_too_old(ctx: Context) -> bool:
 def _companion_problem(member: DeviceState, device: DeviceState, ctx: Context) -> str | None:
     policy = ctx.vm_policy.companions or ctx.config.companions
     holder = f"{member.address} ({member.driver or 'no driver'})"
+    if member.address == device.physfn:
+        return (f"{holder} is the SR-IOV PF of {device.address} and shares IOMMU group "
+                f"{device.iommu_group} with it: a PF never goes with its VF (unbinding it destroys "
+                "every VF); this VF can only be assigned where ACS isolates it from its PF")
     if member.address in ctx.config.never_touch:
         return (f"{holder} shares IOMMU group {device.iommu_group} with {device.address} "
                 "and is never_touch in the host config")
