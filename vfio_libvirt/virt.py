@@ -83,7 +83,3 @@ def running_domains(uri: str | None) -> dict[str, bytes]:
     with connect(uri) as conn:
         return {dom.name(): xml_of(dom) for dom in conn.listAllDomains() if dom.isActive()}
 
-
-def all_domains(uri: str | None) -> dict[str, bytes]:
-    with connect(uri) as conn:
-        return {dom.name(): xml_of(dom) for dom in conn.listAllDomains()}
