@@ -107,7 +107,15 @@ do_install() {
             case "$line" in dir:*) INSTALLED+=("$line") ;; esac
         done < "$MANIFEST"
     fi
+    # Modules new to this version first, then the changed ones: the running hooks keep
+    # importing the installed modules meanwhile, and a changed module must never find a
+    # module it imports missing.  (Each file is replaced by one rename.)
+    local f changed=()
     for f in "$SRC"/vfio_libvirt/*.py; do
+        if [ -e "$LIB/vfio_libvirt/$(basename "$f")" ]; then changed+=("$f")
+        else put "$LIB/vfio_libvirt/$(basename "$f")" "$f" 0644; fi
+    done
+    for f in "${changed[@]}"; do
         put "$LIB/vfio_libvirt/$(basename "$f")" "$f" 0644
     done
     cat > "$tmp/hook" <<HOOK

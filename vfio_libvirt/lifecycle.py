@@ -23,7 +23,7 @@ from vfio_libvirt.pci import PciAddress
 from vfio_libvirt.plan import Plan, Step
 from vfio_libvirt.restore import forget, left, restore_device, restore_entry
 from vfio_libvirt.state import Entries, Entry
-from vfio_libvirt.stuck import refuse_if_stuck, run_bounded
+from vfio_libvirt.stuck import refuse_if_stuck, run_bounded, stuck_entries, stuck_line
 
 __all__ = ["Host", "PlanRefused", "make_plan", "prepare", "release", "restore_device"]
 
@@ -225,6 +225,8 @@ def _claim(entries: Entries, domain: Domain, plan: Plan, network: str | None) ->
             # Started again without a release: what the device had before *this domain*
             # first took it stays the truth; a role that owns a restore stays so.
             entry = replace(old, uuid=domain.uuid)
+            if network is not None:  # now a port of that network: its deletion gives it back
+                entry.network = network
             if old.role in ("bind", "companion"):
                 pass
             elif role == "keep" and old.original_driver != step.original_driver:
@@ -292,48 +294,63 @@ def release(host: Host, domain_name: str, only: Callable[[Entry], bool] | None =
     A journal this version cannot read is a failure too: it may name this domain's devices.
     """
     deadline = time.monotonic() + host.config.restore_timeout
-    if stuck := refuse_if_stuck(host, domain_name):
-        return stuck  # the run stuck in the kernel finishes the job; waiting here helps nobody
-    with host.domain_locks.hold(domain_name, host.config.restore_timeout):
-        snapshot = host.journal.read()
-        failures = [f"journal: {problem}" for problem in snapshot.problems]
-        mine = [e for e in snapshot.for_domain(domain_name) if only is None or only(e)]
-        entries = _mark_restoring(host, [e for e in mine if e.role != "keep"])
-        home = [e for e in mine if e.role == "keep"]
+    scope = only or (lambda _entry: True)
+    stuck = stuck_entries(host, domain_name)
+    if not stuck:
+        with host.domain_locks.hold(domain_name, host.config.restore_timeout):
+            return _release(host, domain_name, scope, deadline, frozenset())
+    # A run of this domain is stuck in the kernel and keeps the domain's lock until the
+    # write returns; it finishes its own devices (they carry its pid).  The domain's
+    # other devices (another port, the qemu hook's) go home now, without that lock: the
+    # journal lock decides, entry by entry, that none of them is that run's.
+    busy = frozenset(e.pid for e in stuck if e.pid is not None)
+    waiting = [stuck_line(e) for e in stuck if scope(e)]
+    return waiting + _release(host, domain_name, lambda e: scope(e) and e.pid not in busy, deadline, busy)
 
-        def give_back(entry: Entry) -> None:
-            # caught here, so one device's trouble never stops the rest of its group going home
-            try:
-                went_home = restore_entry(host, entry, entry.original_driver, entry.original_override,
-                                          deadline, marked=True)
-            except Exception as err:
-                failures.append(f"{entry.address}: {describe(err)}")
-                return
-            if went_home:
-                home.append(entry)
-            else:
-                failures.append(f"{entry.address}: {entry.error}")
 
-        host.switcher  # noqa: B018 -- built once, before the group workers share it
-        outcomes, _ = run_bounded(
-            host, entries, lambda e: _entry_group(host, e), give_back, deadline=deadline,
-            budget=host.config.restore_timeout, entry_of=lambda e: e, afterwards=_goes_back,
-            stop_when_late=False,
-        )
-        failures += [f"{o.item.address}: never attempted" for o in outcomes if not o.attempted]
-        forget(host, *home)  # one journal write for every device that went home
+def _release(
+    host: Host, domain_name: str, scope: Callable[[Entry], bool], deadline: float, busy: frozenset,
+) -> list[str]:
+    snapshot = host.journal.read()
+    failures = [f"journal: {problem}" for problem in snapshot.problems]
+    mine = [e for e in snapshot.for_domain(domain_name) if scope(e)]
+    entries = _mark_restoring(host, [e for e in mine if e.role != "keep"], busy)
+    home = [e for e in mine if e.role == "keep"]
+
+    def give_back(entry: Entry) -> None:
+        # caught here, so one device's trouble never stops the rest of its group going home
+        try:
+            went_home = restore_entry(host, entry, entry.original_driver, entry.original_override,
+                                      deadline, marked=True)
+        except Exception as err:
+            failures.append(f"{entry.address}: {describe(err)}")
+            return
+        if went_home:
+            home.append(entry)
+        else:
+            failures.append(f"{entry.address}: {entry.error}")
+
+    host.switcher  # noqa: B018 -- built once, before the group workers share it
+    outcomes, _ = run_bounded(
+        host, entries, lambda e: _entry_group(host, e), give_back, deadline=deadline,
+        budget=host.config.restore_timeout, entry_of=lambda e: e, afterwards=_goes_back,
+        stop_when_late=False,
+    )
+    failures += [f"{o.item.address}: never attempted" for o in outcomes if not o.attempted]
+    forget(host, *home)  # one journal write for every device that went home
     return failures
 
 
-def _mark_restoring(host: Host, entries: list[Entry]) -> list[Entry]:
-    """Mark all `entries` restoring in one write; return those still this domain's."""
+def _mark_restoring(host: Host, entries: list[Entry], busy: frozenset) -> list[Entry]:
+    """Mark all `entries` restoring in one write; return those still this domain's and
+    not taken meanwhile by a run in `busy` (pids of runs stuck in the kernel)."""
     if not entries:
         return []
     mine = []
     with host.journal.transaction() as journal:
         for entry in entries:
             current = journal.get(entry.address)
-            if current is not None and current.domain == entry.domain:
+            if current is not None and current.domain == entry.domain and current.pid not in busy:
                 entry.touch("restoring")
                 journal[entry.address] = entry
                 mine.append(entry)

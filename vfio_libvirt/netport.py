@@ -62,15 +62,16 @@ class NetworkPort:
         root = parse_xml(data)
         if root.tag != "hookData":
             raise InputError(f"not a network hook's input: root element is <{root.tag}>")
-        name = (root.findtext("network/name") or "").strip()
-        if name != network:
-            raise InputError(f"XML on stdin is for network {name!r}, not {network!r}")
         ports = root.findall("networkport")
         if len(ports) != 1:
             raise InputError(f"network hook input has {len(ports)} <networkport> elements, not 1")
         port = ports[0]
-        owner = (port.findtext("owner/name") or "").strip()
-        if not owner:
+        # names exactly as libvirt wrote them: 'vm1 ' is a domain other than 'vm1'
+        name = root.findtext("network/name")
+        owner = port.findtext("owner/name") or ""
+        if name != network:
+            raise InputError(f"XML on stdin is for network {name!r}, not {network!r}")
+        if not owner.strip():
             raise InputError(f"port of network {network} has no <owner><name>")
         plug = port.find("plug")
         plug_type = plug.get("type") if plug is not None else None

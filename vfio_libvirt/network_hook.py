@@ -51,13 +51,33 @@ def main(
         return 0  # nothing was ever switched
     from vfio_libvirt.limits import MAX_XML_BYTES
 
-    data = (stdin or sys.stdin.buffer).read(MAX_XML_BYTES + 1)
-    if b"hostdev-pci" not in data and b"<!" not in data and b"&" not in data:
-        return 0  # a bridge, macvtap or NAT port; an entity or DOCTYPE could hide the word
+    data = _read_keeping_the_end(stdin or sys.stdin.buffer, MAX_XML_BYTES + 1)
+    if not _may_be_hostdev_port(data):
+        return 0  # a bridge, macvtap or NAT port: most ports of most hosts
     dry_run = os.environ.get("VFIO_LIBVIRT_DRY_RUN") == "1"
     label = f"network {network}"
     action = _port_created if op == "port-created" else _port_deleted
     return run(label, lambda channel: action(network, data, dry_run, channel), detach and not dry_run)
+
+
+def _read_keeping_the_end(stream: BinaryIO, limit: int) -> bytes:
+    """All of `stream`, or its last `limit` bytes: the port comes last, after a network
+    XML that may be larger than the parser accepts (a bridge port there must not fail)."""
+    data = b""
+    while chunk := stream.read(1 << 20):
+        data = (data + chunk)[-limit:]
+    return data
+
+
+def _may_be_hostdev_port(data: bytes) -> bool:
+    """False only when the `<networkport>` (libvirt writes it last, after the network,
+    which may be megabytes of DHCP hosts) certainly has no hostdev-pci plug: no such
+    word and no entity reference that could expand to it.  Anything else is parsed."""
+    start = data.rfind(b"<networkport")
+    if start == -1:
+        return True
+    port = data[start:]
+    return b"hostdev-pci" in port or b"&" in port
 
 
 def _port_created(network: str, data: bytes, dry_run: bool, channel) -> int:

@@ -148,10 +148,18 @@ def answer(host: Host, code: int, message: str) -> None:
         log.warning("%s; waiting for the kernel", message)
 
 
+def stuck_entries(host: Host, domain: str) -> list[Entry]:
+    """`domain`'s entries stuck in a live run's kernel write (none if that run is gone:
+    then a release or restore may take them over)."""
+    stuck = [e for e in host.journal.read().for_domain(domain) if e.status == "stuck"]
+    return stuck if stuck and host.domain_locks.busy(domain) else []
+
+
+def stuck_line(entry: Entry) -> str:
+    return (f"{entry.address}: {entry.error} (stuck for {time.time() - entry.updated:.0f} s; "
+            f"pid {entry.pid} finishes the job when the write returns)")
+
+
 def refuse_if_stuck(host: Host, domain: str) -> list[str]:
     """`domain`'s devices still stuck in a live run's kernel write, as one line each."""
-    stuck = [e for e in host.journal.read().for_domain(domain) if e.status == "stuck"]
-    if not stuck or not host.domain_locks.busy(domain):
-        return []  # none, or abandoned: a release or restore may take them over
-    return [f"{e.address}: {e.error} (stuck for {time.time() - e.updated:.0f} s; "
-            f"pid {e.pid} finishes the job when the write returns)" for e in stuck]
+    return [stuck_line(e) for e in stuck_entries(host, domain)]

@@ -617,7 +617,9 @@ def test_installed_hooks_and_cli_run_from_the_system_python_path(droot, tmp_path
     assert proc.returncode == 0, proc.stderr
     assert run(qemu, "vm1").returncode == 2
     proc = run(network, "net1", "port-created", "begin", "-",
-               stdin=b"<hookData><network><name>net1</name></network></hookData>")
+               stdin=b"<hookData><network><name>net1</name></network><networkport><owner>"
+                     b"<name>vm1</name></owner><plug type='network' bridge='virbr0'/></networkport>"
+                     b"</hookData>")
     assert proc.returncode == 0, proc.stderr
     proc = run("/usr/sbin/vfio-libvirt", "config", "check", "--file", str(droot.at(CONFFILE)))
     assert proc.returncode == 0 and b": ok" in proc.stdout, proc.stdout + proc.stderr

@@ -13,12 +13,16 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
-from tests.unit.conftest import NIC, domain_xml, pci, run_hook, write_config
+from tests.unit.conftest import NIC, SHORT_DEADLINE, domain_xml, pci, run_hook, write_config
+from tests.unit.test_stuck import Background
 from vfio_libvirt import network_hook
+from vfio_libvirt.lifecycle import release
+from vfio_libvirt.state import Journal
 
 PF = "0000:02:00.0"
 VF0 = "0000:02:10.0"
@@ -290,6 +294,87 @@ def test_the_installed_script_runs_the_network_hook(vfs):
     code = ("import sys; sys.argv = ['network', 'default', 'port-created', 'begin', '-']; "
             "from vfio_libvirt.network_hook import main; rc = main(); "
             "print(rc, 'lxml' in sys.modules, 'vfio_libvirt.lifecycle' in sys.modules)")
-    fast = subprocess.run([sys.executable, "-c", code], input=b"<hookData><plug type='network'/>",
+    bridge = hook_data(network="default", plug="<plug type='network' bridge='virbr0'/>")
+    fast = subprocess.run([sys.executable, "-c", code], input=bridge,
                           capture_output=True, timeout=60, cwd=REPO, check=False)
     assert fast.stdout.split() == [b"0", b"False", b"False"], fast.stderr
+
+
+# --- found by review ----------------------------------------------------------------------
+def as_another_run(address: str, pid: int = 2_000_000_000) -> None:
+    """Each hook run is a process of its own; in these tests they share one, so give the
+    entry the pid another run would have written."""
+    from vfio_libvirt.settings import Settings
+
+    with Journal(Settings.from_env().state_dir).transaction() as entries:
+        entries[address].pid = pid
+
+
+def test_a_port_stuck_in_the_kernel_leaves_the_other_ports_free_to_go_home(short, vfs):
+    assert net_hook("vfpool", "port-created", hook_data(VF0)) == 0
+    assert net_hook("vfpool", "port-created", hook_data(VF1)) == 0
+    as_another_run(VF1)
+    gate = vfs.faults.blocked[("drivers_probe", VF0)] = threading.Event()
+    run = Background(lambda host: release(host, "vm1", only=lambda e: e.address == VF0))
+    try:
+        run.first_answer(within=SHORT_DEADLINE + 3)  # VF0's port-deleted: stuck, answered
+        assert journal()[VF0]["status"] == "stuck"
+        assert net_hook("vfpool", "port-deleted", hook_data(VF1)) == 0  # not held up by VF0
+        assert vfs.driver_of(VF1) == "igbvf" and VF1 not in journal()
+        assert run_hook("vm1", "release", "end", b"") == 1  # says VF0 is still in the kernel
+        assert journal()[VF0]["status"] == "stuck"
+    finally:
+        gate.set()
+    run.finish()
+    assert vfs.driver_of(VF0) == "igbvf" and journal() == {}
+
+
+def test_a_stuck_port_created_does_not_keep_the_qemu_hooks_devices(short, vfs, capsys):
+    assert run_hook("vm1", "prepare", "begin", domain_xml("vm1", pci(NIC))) == 0
+    as_another_run(NIC)
+    gate = vfs.faults.blocked[("unbind", VF0)] = threading.Event()
+    from vfio_libvirt.domain import Domain
+    from vfio_libvirt.lifecycle import prepare
+    from vfio_libvirt.netport import NetworkPort
+
+    hostdev = NetworkPort.from_hook_xml(hook_data(VF0), "vfpool").hostdev()
+    run = Background(lambda host: prepare(host, Domain("vm1", OWNER_UUID, (hostdev,)), "vfpool"))
+    try:
+        run.first_answer(within=SHORT_DEADLINE + 3)
+        assert run_hook("vm1", "release", "end", b"") == 1  # VF0 still in the kernel
+        assert vfs.driver_of(NIC) == "virtio-pci" and NIC not in journal()
+    finally:
+        gate.set()
+    run.finish()
+    assert vfs.driver_of(VF0) == "igbvf" and journal() == {}
+
+
+def test_names_are_taken_exactly_as_libvirt_wrote_them(vfs):
+    """libvirt allows 'pool ' and 'vm1 ': they are not 'pool' and 'vm1'."""
+    assert net_hook("pool ", "port-created", hook_data(network="pool ", owner="vm1 ")) == 0
+    entry = journal()[VF0]
+    assert (entry["domain"], entry["network"]) == ("vm1 ", "pool ")
+    assert run_hook("vm1", "release", "end", b"") == 0
+    assert vfs.driver_of(VF0) == "vfio-pci"  # not vm1's
+    assert run_hook("vm1 ", "release", "end", b"") == 0
+    assert vfs.driver_of(VF0) == "igbvf" and journal() == {}
+
+
+def test_a_huge_bridge_network_with_entities_stays_on_the_fast_path(vfs):
+    hosts = "".join(f"<host mac='52:54:00:{i >> 16 & 255:02x}:{i >> 8 & 255:02x}:{i & 255:02x}' "
+                    f"ip='10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}'/>" for i in range(90_000))
+    data = hook_data(network="default", plug="<plug type='network' bridge='virbr0'/>").replace(
+        b"</network>", f"<description>R&amp;D</description><ip><dhcp>{hosts}</dhcp></ip></network>".encode())
+    assert len(data) > 4 << 20
+    assert net_hook("default", "port-created", data) == 0
+    assert vfs.writes == []
+
+
+def test_a_vf_the_qemu_hook_kept_becomes_the_ports_when_the_pool_hands_it_out(vfs):
+    """libvirtd died without a release; the VF named by address is then given out by the
+    pool: its entry now names the network, so the port's deletion gives it back."""
+    assert run_hook("vm1", "prepare", "begin", domain_xml("vm1", pci(VF0))) == 0
+    assert net_hook("vfpool", "port-created", hook_data()) == 0
+    assert journal()[VF0]["network"] == "vfpool"
+    assert net_hook("vfpool", "port-deleted", hook_data()) == 0
+    assert vfs.driver_of(VF0) == "igbvf" and journal() == {}
