@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from vfio_libvirt.errors import InputError
@@ -135,3 +136,10 @@ def require_valid_config(settings: Settings) -> Config:
     config = Config.load(settings.config_path)
     config.require_valid()
     return config
+
+
+def installed_at(hook: Path) -> float:
+    """When a hook appeared: the later of the link's and its target's mtime.  The Debian
+    package links /etc/libvirt/hooks/*.d/vfio-libvirt to a file whose mtime is the build's,
+    so the target alone would make a daemon started before the install look up to date."""
+    return max(hook.lstat().st_mtime, hook.stat().st_mtime)

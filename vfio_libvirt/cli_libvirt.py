@@ -11,7 +11,14 @@ import os
 import time
 from pathlib import Path
 
-from vfio_libvirt.cli_common import Command, Finding, core_logs_silenced, emit_json, require_valid_config
+from vfio_libvirt.cli_common import (
+    Command,
+    Finding,
+    core_logs_silenced,
+    emit_json,
+    installed_at,
+    require_valid_config,
+)
 from vfio_libvirt.doctor_networks import NETWORK_HOOK
 from vfio_libvirt.errors import InputError, OperationError, VfioLibvirtError
 from vfio_libvirt.settings import Settings
@@ -142,7 +149,7 @@ def _hook_findings(hook: Path) -> list[Finding]:
         return [Finding("fail", f"hook {hook} is not executable", f"chmod 755 {hook}")]
     found = [Finding("ok", f"hook installed: {hook}")]
     started = _daemon_start_times()
-    mtime = hook.stat().st_mtime
+    mtime = installed_at(hook)
     for daemon, start in started.items():
         if start < mtime:
             found.append(Finding("warn", f"{daemon} started before the hook was installed",

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from vfio_libvirt.cli_common import Finding
+from vfio_libvirt.cli_common import Finding, installed_at
 from vfio_libvirt.errors import InputError, OperationError
 
 NETWORK_HOOK = "/etc/libvirt/hooks/network.d/vfio-libvirt"
@@ -171,7 +171,7 @@ def _daemon_findings(hook: Path, daemons: dict[str, float]) -> list[Finding]:
     if not daemons:
         return [Finding("ok", "no libvirtd/virtnetworkd running: the next one started runs the "
                         "network hook")]
-    mtime = hook.stat().st_mtime
+    mtime = installed_at(hook)
     out = []
     for daemon, start in sorted(daemons.items()):
         if start < mtime:

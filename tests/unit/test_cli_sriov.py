@@ -9,6 +9,7 @@ where it can define the network, a fake connection where a network must misbehav
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -302,3 +303,18 @@ def test_doctor_without_a_network_listing_still_checks_the_rest(sim, libvirt, mo
     assert found["cannot list networks"]["level"] == "warn"
     assert found["cannot list networks"]["what"].endswith("not supported by the connection driver")
     assert found["IOMMU enabled"]["level"] == "ok"
+
+
+def test_a_packaged_hook_link_newer_than_the_daemon_is_not_taken_as_seen(tmp_path, mocker):
+    """The Debian package links the hook to a file with the build's mtime: the link's own
+    mtime says when it was installed, so a daemon started between the two must reload."""
+    target = tmp_path / "qemu-hook"
+    target.write_text("#!/bin/sh\n")
+    target.chmod(0o755)
+    os.utime(target, (1_000, 1_000))
+    hook = tmp_path / "vfio-libvirt"
+    hook.symlink_to(target)
+    os.utime(hook, (3_000, 3_000), follow_symlinks=False)
+    mocker.patch.object(cli_libvirt, "_daemon_start_times", return_value={"libvirtd": 2_000.0})
+    findings = {f.what: f.level for f in cli_libvirt._hook_findings(hook)}
+    assert findings["libvirtd started before the hook was installed"] == "warn"
