@@ -1,9 +1,11 @@
 """libvirt tier: ONE guest boot running ONE inner pytest session (tests/libvirt/guest).
 
-Inside the guest the inner session configures libvirtd, installs the hook with
+Inside the guest the inner session configures libvirtd, installs the hooks with
 install.sh, starts the daemon and drives domains with virsh and the CLI (see
-guest/conftest.py).  This module asserts the guest booted, the session passed and it
-ran tests.  Skips with a reason when the kernel tier or libvirt is not provisioned
+guest/conftest.py).  The guest gets guest.LIBVIRT_TIER_DEVICES: the two NICs and the
+igb SR-IOV PF behind its root port, whose VFs the SR-IOV tests give to domains.  This
+module asserts the guest booted, the session passed and it ran tests.  Skips with a
+reason when the kernel tier or libvirt is not provisioned, or QEMU is older than 8
 (tests/vm/provision.sh --libvirt).  VFIO_LIBVIRT_TEST_CACHE selects the cache dir.
 """
 
@@ -20,13 +22,15 @@ INNER_TIMEOUT = 900.0   # whole guest run; about 3-4 min on an idle 2-core machi
 @pytest.fixture(scope="module")
 def inner_session(guest_harness, record_tier_line):
     """The one guest run; its outcome becomes the tier's line in the terminal summary."""
-    info, reason = guest_harness.check_libvirt_provisioned()
+    devices = guest_harness.LIBVIRT_TIER_DEVICES
+    info, reason = guest_harness.check_libvirt_provisioned(devices=devices)
     if info is None:
         record_tier_line(TIER, guest_harness.tier_not_run_line(TIER, reason))
         pytest.skip(reason)
     try:
         result, report = guest_harness.run_pytest_in_guest(
-            "tests/libvirt/guest", timeout=INNER_TIMEOUT, info=info, args=("-rs",))
+            "tests/libvirt/guest", timeout=INNER_TIMEOUT, info=info, args=("-rs",),
+            devices=devices)
     except Exception as err:
         record_tier_line(TIER, guest_harness.tier_not_run_line(TIER, f"{type(err).__name__}: {err}"))
         raise

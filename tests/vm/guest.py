@@ -169,6 +169,9 @@ SLOW_DRIVER = "vlt-slow-host"
 SLOW_PARAMS = Path("/sys/module") / SLOW_MODULE / "parameters"   # probe_ms, remove_ms (guest)
 KERNEL_TIER_DEVICES: tuple[TestDevice, ...] = (*DEFAULT_TEST_DEVICES, *HARDWARE_DEVICES,
                                                *SLOW_DEVICES)
+# The libvirt tier: the two NICs for the domain tests, and the igb PF whose VFs the
+# SR-IOV tests give to domains (interface type='hostdev', hostdev networks).
+LIBVIRT_TIER_DEVICES: tuple[TestDevice, ...] = (*DEFAULT_TEST_DEVICES, IGB_PF)
 ALL_DEVICES = {d.name: d for d in KERNEL_TIER_DEVICES}
 # Names that stand for several devices (guest.py --devices slow)
 DEVICE_GROUPS: dict[str, tuple[TestDevice, ...]] = {"slow": SLOW_DEVICES}
@@ -563,14 +566,17 @@ LIBVIRT_PACKAGES = ("libvirt-daemon-system", "libvirt-daemon-driver-qemu", "libv
                     "python3-libvirt")
 
 
-def check_libvirt_provisioned(cache: os.PathLike | str | None = None) -> tuple[GuestInfo | None, str]:
-    """(info, "") when the libvirt tier can run here, else (None, reason).
+def check_libvirt_provisioned(cache: os.PathLike | str | None = None,
+                              devices: Sequence[TestDevice] = LIBVIRT_TIER_DEVICES,
+                              ) -> tuple[GuestInfo | None, str]:
+    """(info, "") when the libvirt tier can run here with `devices`, else (None, reason).
 
     The guest runs the host's libvirt (the root filesystem is shared), so it must be
     installed here: tests/vm/provision.sh --libvirt.  Asks dpkg only; nothing here
-    runs a libvirt binary on the host.
+    runs a libvirt binary on the host.  The tier's igb needs QEMU >= 8, like the
+    kernel tier's (provision.sh installs it).
     """
-    info, reason = check_provisioned(cache)
+    info, reason = check_provisioned(cache, devices)
     if info is None:
         return None, reason
     dpkg = shutil.which("dpkg-query", path="/usr/bin:/bin")

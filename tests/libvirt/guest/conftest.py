@@ -12,6 +12,8 @@ One session, one daemon, in file order (pytest runs the files by name):
   test_20..test_60    domains: managed='yes' on the fresh daemon first (libvirt 11.3
                       remembers an earlier managed='no' use of a device), then
                       managed='no', mixed, conflicts, the CLI
+  test_65_sriov       VFs of the igb PF: interface type='hostdev', hostdev networks
+                      (the network hook), `sriov` fixture
   test_70_uninstall   install.sh --uninstall, last
 Every domain test starts and ends with the test devices on their boot drivers, no
 driver_override, an empty journal and no running domain (`devices` fixture); the
@@ -20,16 +22,26 @@ domains it defined are destroyed and undefined first (`domains` fixture).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from tests.kernel.guest.guest_sysfs import Pci
+from tests.kernel.guest.guest_sysfs import (
+    SYS_PCI,
+    Pci,
+    PciDevice,
+    SriovPf,
+    ip_json,
+    run,
+    udev_settle,
+    wait_for,
+)
 from tests.libvirt.guest import guest_libvirt as G
 from tests.vm import guest as H
 
@@ -53,6 +65,8 @@ def pytest_runtest_makereport(item, call):
     report = outcome.get_result()
     if IN_GUEST and report.failed:
         report.sections.append(("libvirt tier diagnostics", G.diagnostics()))
+        if report.when == "call":
+            item.vlt_call_failed = True    # a fixture need not report the same again
 
 
 @dataclass
@@ -128,6 +142,10 @@ def devices(lv):
 def _off_baseline(pci: Pci) -> list[str]:
     problems = [f"{dev.bdf}: driver {dev.driver}, driver_override {dev.override}"
                 for dev in pci if dev.driver != dev.spec.host_driver or dev.override != "(null)"]
+    if H.IGB_PF in H.guest_devices():     # no domain test may touch the PF (its VFs may)
+        pf = PciDevice(H.IGB_PF)
+        if (pf.driver, pf.override) != ("igb", "(null)"):
+            problems.append(f"PF {pf.bdf}: driver {pf.driver}, driver_override {pf.override}")
     if entries := G.journal():
         problems.append(f"journal still lists {sorted(entries)}")
     if running := G.running_domains():
@@ -151,3 +169,134 @@ def domains(devices, tmp_path):
     made = G.Domains(tmp_path)
     yield made
     made.cleanup()
+
+
+# ------------------------------------------------------- SR-IOV (igb PF, QEMU >= 8)
+
+SRIOV_VFS = 2
+SETTLE_SECONDS = 60.0   # a probe under TCG
+
+
+@dataclass
+class Sriov:
+    """The igb PF with its netdev up and SRIOV_VFS VFs on igbvf; networks to define."""
+
+    pf: SriovPf
+    netdev: str                 # the PF's network interface (a hostdev pool's <pf dev=>)
+    ifindex: int                # ... whose ifindex changes if anyone rebinds the PF
+    vfs: list[PciDevice]        # in VF index order
+    networks: G.Networks | None = None
+    vf_ifindexes: dict[str, list[str]] = field(default_factory=dict)   # BDF -> its netdevs' ifindexes
+
+    def pf_problems(self) -> list[str]:
+        """What is wrong with the PF: it must stay on igb, up, with all its VFs."""
+        problems = []
+        if (self.pf.driver, self.pf.override) != ("igb", "(null)"):
+            problems.append(f"PF {self.pf.bdf}: driver {self.pf.driver}, override {self.pf.override}")
+        if self.pf.numvfs != SRIOV_VFS or self.pf.vf_bdfs() != [vf.bdf for vf in self.vfs]:
+            problems.append(f"PF {self.pf.bdf}: sriov_numvfs {self.pf.numvfs}, VFs {self.pf.vf_bdfs()}")
+        links = [link for link in ip_json("link", "show") if link.get("ifindex") == self.ifindex]
+        if not links or links[0].get("ifname") != self.netdev or "UP" not in links[0].get("flags", []):
+            problems.append(f"PF netdev {self.netdev} (ifindex {self.ifindex}) not up: {links}")
+        return problems
+
+    def untouched(self, vf: PciDevice) -> list[str]:
+        """What is wrong with a VF no domain uses: on igbvf, no override, same netdev
+        as when the test began (a rebind makes a new one; udev may rename it meanwhile)."""
+        if (vf.driver, vf.override) != (H.IGB_VF_DRIVER, "(null)"):
+            return [f"VF {vf.bdf}: driver {vf.driver}, override {vf.override}"]
+        if sorted(vf.netdev_ifindexes().values()) != self.vf_ifindexes[vf.bdf]:
+            return [f"VF {vf.bdf}: netdev ifindexes {self.vf_ifindexes[vf.bdf]} -> "
+                    f"{vf.netdev_ifindexes()}"]
+        return []
+
+    def vf_macs(self) -> dict[int, str]:
+        """VF index -> MAC as the PF reports it (`ip link show <pf>`: vf N ... link/ether)."""
+        (link,) = ip_json("link", "show", "dev", self.netdev)
+        return {vf["vf"]: vf.get("address") for vf in link.get("vfinfo_list", [])}
+
+    def vf_index(self, bdf: str) -> int:
+        return [vf.bdf for vf in self.vfs].index(bdf)
+
+    def vf(self, bdf: str) -> PciDevice:
+        return self.vfs[self.vf_index(bdf)]
+
+
+def _igb_given() -> SriovPf:
+    """Skip when the guest was booted without the igb; fail when given but missing."""
+    if H.IGB_PF not in H.guest_devices():
+        pytest.skip(f"this guest was booted without the {H.IGB_PF.name} test device "
+                    f"({H.DEVICES_ENV}={os.environ.get(H.DEVICES_ENV, '')!r})")
+    assert (SYS_PCI / "devices" / H.IGB_PF.bdf).exists(), (
+        f"the guest was given the {H.IGB_PF.name} at {H.IGB_PF.bdf}, but sysfs has no such device")
+    return SriovPf(H.IGB_PF)
+
+
+def _vfs_home(pf: SriovPf) -> None:
+    """Every VF a domain or the hook left elsewhere back on igbvf (none is held then:
+    the domains are gone)."""
+    for vf in pf.vfs():
+        if (vf.driver, vf.override) != (H.IGB_VF_DRIVER, "(null)"):
+            with contextlib.suppress(OSError):
+                vf.restore()
+
+
+def _settle_igb(pf: SriovPf) -> None:
+    """Back to the boot state: the PF on igb with SR-IOV disabled (VFs gone)."""
+    _vfs_home(pf)
+    pf.restore()
+    if pf.driver == pf.spec.host_driver:
+        pf.disable_vfs()
+    wait_for(f"{pf} without VFs", lambda: not pf.vf_bdfs(), SETTLE_SECONDS)
+
+
+@pytest.fixture(scope="module")
+def sriov_vfs(lv):
+    """For a module: the igb PF on igb, its netdev up, SRIOV_VFS VFs on igbvf; after
+    it, the PF as the boot left it (no VFs, netdev up or down as it was)."""
+    H.require_guest()
+    pf = _igb_given()
+    _settle_igb(pf)
+    assert (pf.driver, pf.numvfs) == ("igb", 0), f"{pf} not idle before the tests"
+    udev_settle()
+    (netdev, ifindex), = wait_for(f"{pf}'s network interface", lambda: pf.netdev_ifindexes().items())
+    was_up = "UP" in ip_json("link", "show", "dev", netdev)[0].get("flags", [])
+    try:
+        run("ip", "link", "set", netdev, "up")
+        yield Sriov(pf, netdev, int(ifindex), pf.enable_vfs(SRIOV_VFS))
+    finally:
+        for name in G.running_domains():    # normally `domains` destroyed them already
+            G.virsh("destroy", name, check=False)
+        _settle_igb(pf)
+        if not was_up and pf.driver == "igb":
+            for name in pf.netdev_ifindexes():
+                run("ip", "link", "set", name, "down")
+    assert (pf.driver, pf.numvfs) == ("igb", 0), (
+        f"could not restore {pf} after the tests: driver {pf.driver}, {pf.numvfs} VFs")
+
+
+@pytest.fixture
+def sriov(sriov_vfs, tmp_path, request):
+    """The VFs, each on igbvf with its netdev, and the PF intact, before and after the
+    test; networks defined through .networks are removed after it.  Request it before
+    `devices`/`domains` (argument order): the domains go before the networks."""
+    state = sriov_vfs
+    state.networks = G.Networks(tmp_path)
+    state.vf_ifindexes = {
+        vf.bdf: sorted(wait_for(f"{vf}'s network interface", vf.netdev_ifindexes).values())
+        for vf in state.vfs}
+    problems = state.pf_problems() + [p for vf in state.vfs for p in state.untouched(vf)]
+    assert not problems, f"SR-IOV not ready: {problems}"
+    try:
+        yield state
+    finally:
+        for name in G.running_domains():    # normally `domains` destroyed them already
+            G.virsh("destroy", name, check=False)
+        state.networks.cleanup()
+        problems = state.pf_problems() + [
+            f"VF {vf.bdf}: driver {vf.driver}, override {vf.override}" for vf in state.vfs
+            if (vf.driver, vf.override) != (H.IGB_VF_DRIVER, "(null)")]
+        _vfs_home(state.pf)
+    assert not G.leftover_networks(), f"networks left behind: {G.leftover_networks()}"
+    if not getattr(request.node, "vlt_call_failed", False):
+        assert not problems, f"SR-IOV not back at its start after the test: {problems}"

@@ -21,13 +21,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
-from tests.kernel.guest.guest_sysfs import Pci
+from tests.kernel.guest.guest_sysfs import Pci, SriovPf
 from tests.vm import guest as H
 
 REPO = Path(os.environ.get("VFIO_LIBVIRT_TEST_REPO") or Path(__file__).resolve().parents[3])
 URI = "qemu:///system"
 HOOKS_DIR = Path("/etc/libvirt/hooks")
 HOOK = HOOKS_DIR / "qemu.d" / "vfio-libvirt"
+NETWORK_HOOK = HOOKS_DIR / "network.d" / "vfio-libvirt"
 CLI = Path("/usr/local/sbin/vfio-libvirt")
 INSTALLED_LIB = Path("/usr/lib/vfio-libvirt")
 CONFIG_DIR = Path("/etc/vfio-libvirt")
@@ -38,6 +39,7 @@ LIBVIRTD_LOG = Path("/var/log/libvirt/libvirtd.log")
 LIBVIRTD_PIDFILE = Path("/run/libvirtd.pid")
 SYSLOG_SOCKET = Path("/dev/log")
 DOMAIN_PREFIX = "vlt-"
+NETWORK_PREFIX = "vlt-"
 
 # The guest runs everything as root and has no AppArmor/SELinux; virtlogd is not
 # running, so QEMU's stdio goes straight to /var/log/libvirt/qemu/<dom>.log.
@@ -233,8 +235,30 @@ def tree_listing(root: Path, *, times: bool = False) -> list[tuple]:
 # --------------------------------------------------------------- domains
 
 
-def domain_xml(name: str, hostdevs: Sequence[tuple[str, bool]]) -> str:
-    """A 128 MiB TCG q35 domain with no disk and these (BDF, managed) PCI hostdevs.
+def _address(bdf: str) -> str:
+    domain, bus, slot_fn = bdf.split(":")
+    slot, function = slot_fn.split(".")
+    return (f"<address type='pci' domain='0x{domain}' bus='0x{bus}' slot='0x{slot}' "
+            f"function='0x{function}'/>")
+
+
+def hostdev_interface(bdf: str, mac: str, *, managed: bool = False) -> str:
+    """<interface type='hostdev'> on the SR-IOV VF at `bdf`, with a MAC libvirt sets
+    through the PF before QEMU starts."""
+    return (f"<interface type='hostdev' managed={quoteattr('yes' if managed else 'no')}>"
+            f"<mac address={quoteattr(mac)}/><source>{_address(bdf)}</source>"
+            "<rom bar='off'/></interface>")
+
+
+def network_interface(network: str) -> str:
+    """<interface type='network'> on a libvirt network (a hostdev pool: libvirt picks a VF)."""
+    return f"<interface type='network'><source network={quoteattr(network)}/><rom bar='off'/></interface>"
+
+
+def domain_xml(name: str, hostdevs: Sequence[tuple[str, bool]],
+               interfaces: Sequence[str] = ()) -> str:
+    """A 128 MiB TCG q35 domain with no disk, these (BDF, managed) PCI hostdevs and
+    these <interface> elements (hostdev_interface(), network_interface()).
 
     The nested guest runs no OS, so nobody answers a hot-unplug request.  With ACPI
     PCI hotplug off, QEMU uses native PCIe hotplug, and a device hot-plugged into a
@@ -257,6 +281,7 @@ def domain_xml(name: str, hostdevs: Sequence[tuple[str, bool]]) -> str:
   <devices>
     <emulator>/usr/bin/qemu-system-x86_64</emulator>
     {"".join(devices)}
+    {"".join(interfaces)}
   </devices>
   <qemu:commandline>
     <qemu:arg value='-global'/>
@@ -273,10 +298,11 @@ class Domains:
         self.tmp = tmp
         self.names: list[str] = []
 
-    def define(self, name: str, hostdevs: Sequence[tuple[str, bool]]) -> str:
+    def define(self, name: str, hostdevs: Sequence[tuple[str, bool]],
+               interfaces: Sequence[str] = ()) -> str:
         name = DOMAIN_PREFIX + name
         path = self.tmp / f"{name}.xml"
-        path.write_text(domain_xml(name, hostdevs))
+        path.write_text(domain_xml(name, hostdevs, interfaces))
         self.names.append(name)
         virsh("define", str(path))
         return name
@@ -294,6 +320,61 @@ class Domains:
             if is_running(name):
                 virsh("destroy", name, check=False)
             virsh("undefine", name, check=False)
+
+
+class Networks:
+    """libvirt networks a test defines and starts; cleanup() destroys and undefines them."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.names: list[str] = []
+
+    def hostdev_pool(self, name: str, pf_netdev: str, *, managed: bool) -> str:
+        """A <forward mode='hostdev'> pool of the VFs of `pf_netdev`, defined and started."""
+        name = NETWORK_PREFIX + name
+        path = self.tmp / f"net-{name}.xml"
+        path.write_text(
+            f"<network><name>{name}</name>"
+            f"<forward mode='hostdev' managed={quoteattr('yes' if managed else 'no')}>"
+            f"<pf dev={quoteattr(pf_netdev)}/></forward></network>\n")
+        self.names.append(name)
+        virsh("net-define", str(path))
+        virsh("net-start", name)
+        return name
+
+    def cleanup(self) -> None:
+        for name in self.names:
+            virsh("net-destroy", name, check=False)
+            virsh("net-undefine", name, check=False)
+
+
+def network_ports(network: str) -> list[dict]:
+    """The network's ports (virsh net-port-dumpxml): owner domain, plug type, managed,
+    BDF of the VF a hostdev pool plugged, and the XML itself (what the network hook gets
+    as <networkport>)."""
+    from lxml import etree
+
+    found = []
+    for uuid in virsh("net-port-list", network, "--uuid").stdout.split():
+        xml = virsh("net-port-dumpxml", network, uuid).stdout
+        root = etree.fromstring(xml.encode())
+        plug = root.find("plug")
+        address = plug.find("address") if plug is not None else None
+        found.append({
+            "uuid": uuid,
+            "owner": root.findtext("owner/name"),
+            "plug": plug.get("type") if plug is not None else None,
+            "managed": plug.get("managed") if plug is not None else None,
+            "bdf": pci_address(address) if address is not None else None,
+            "xml": xml,
+        })
+    return found
+
+
+def leftover_networks() -> list[str]:
+    """Networks of ours that libvirt still knows (a failed cleanup)."""
+    names = virsh("net-list", "--all", "--name", check=False).stdout.split()
+    return [n for n in names if n.startswith(NETWORK_PREFIX)]
 
 
 def running_domains() -> list[str]:
@@ -333,6 +414,41 @@ def hostdev_sources(name: str) -> list[str]:
         found.append("{:04x}:{:02x}:{:02x}.{:x}".format(
             *(int(address.get(k), 16) for k in ("domain", "bus", "slot", "function"))))
     return found
+
+
+def pci_address(element) -> str:
+    """The BDF of a libvirt <address domain= bus= slot= function=/> element."""
+    return "{:04x}:{:02x}:{:02x}.{:x}".format(
+        *(int(element.get(k), 16) for k in ("domain", "bus", "slot", "function")))
+
+
+def live_interfaces(name: str) -> list[dict]:
+    """The domain's <interface> elements as libvirt shows them: type, managed, MAC,
+    network (the pool it came from) and BDF (of a PCI source, e.g. the VF a hostdev
+    pool gave: a running domain's XML shows the actual type='hostdev')."""
+    from lxml import etree
+
+    root = etree.fromstring(virsh("dumpxml", name).stdout.encode())
+    found = []
+    for iface in root.xpath("devices/interface"):
+        address = iface.find("source/address")
+        mac = iface.find("mac")
+        found.append({
+            "type": iface.get("type"),
+            "managed": iface.get("managed"),
+            "mac": mac.get("address") if mac is not None else None,
+            "network": iface.find("source").get("network") if iface.find("source") is not None else None,
+            "bdf": pci_address(address) if address is not None and address.get("bus") else None,
+        })
+    return found
+
+
+def holds_vfio(pid: int, dev) -> bool:
+    """Whether process `pid` has `dev` open through VFIO: its group /dev/vfio/<group>
+    (legacy) or its cdev /dev/vfio/devices/vfioN (iommufd)."""
+    held = open_files(pid)
+    cdevs = {f"/dev/vfio/devices/{p.name}" for p in (dev.path / "vfio-dev").glob("vfio*")}
+    return f"/dev/vfio/{dev.iommu_group}" in held or bool(cdevs & held)
 
 
 def journal() -> dict[str, dict]:
@@ -427,19 +543,32 @@ def tail(path: Path, lines: int = 25) -> str:
 
 
 def device_summary() -> str:
-    return "\n".join(f"{dev.bdf} {dev.spec.name}: driver={dev.driver} driver_override={dev.override}"
-                     for dev in Pci(H.DEFAULT_TEST_DEVICES))
+    lines = [f"{dev.bdf} {dev.spec.name}: driver={dev.driver} driver_override={dev.override}"
+             for dev in Pci(H.DEFAULT_TEST_DEVICES)]
+    if H.IGB_PF in H.guest_devices():
+        pf = SriovPf(H.IGB_PF)
+        lines.append(f"{pf.bdf} {pf.spec.name}: driver={pf.driver} driver_override={pf.override} "
+                     f"sriov_numvfs={pf.numvfs} netdevs={sorted(pf.netdev_ifindexes())}")
+        lines += [f"{vf.bdf} {vf.spec.name}: driver={vf.driver} driver_override={vf.override}"
+                  for vf in pf.vfs()]
+    return "\n".join(lines)
 
 
 def diagnostics() -> str:
     """Everything worth seeing when a libvirt-tier test fails."""
-    parts = ["--- devices", device_summary()]
+    try:
+        summary = device_summary()
+    except OSError as err:
+        summary = f"(could not read the devices: {err})"
+    parts = ["--- devices", summary]
     try:
         parts += ["--- journal", JOURNAL.read_text().strip()]
     except OSError as err:
         parts.append(f"--- journal: {err.strerror}")
     proc = run(["virsh", "-c", URI, "list", "--all"], timeout=60)
     parts += ["--- virsh list --all", (proc.stdout + proc.stderr).strip()]
+    proc = run(["virsh", "-c", URI, "net-list", "--all"], timeout=60)
+    parts += ["--- virsh net-list --all", (proc.stdout + proc.stderr).strip()]
     if SyslogCatcher.running is not None:
         parts += ["--- syslog (last 30 lines)", "\n".join(SyslogCatcher.running.lines()[-30:])]
     parts.append(tail(LIBVIRTD_LOG))

@@ -13,6 +13,8 @@ def test_uninstall_restores_the_hooks_dir(lv):
     assert G.running_domains() == []
     proc = G.install_sh("--uninstall")
     assert proc.returncode == 0, G.describe(proc)
+    for hook in (G.HOOK, G.NETWORK_HOOK):
+        assert not hook.exists() and not hook.is_symlink(), f"{hook} left behind\n{G.describe(proc)}"
     assert G.tree_listing(G.HOOKS_DIR) == lv.hooks_before
     for path in (G.CLI, G.INSTALLED_LIB, G.CONFIG_DIR):
         assert not path.exists(), f"{path} left behind\n{G.describe(proc)}"
