@@ -42,11 +42,6 @@ class NetworkPort:
     driver_model: str | None
     """`<driver model=…/>` of the network's `<forward>`, copied into the port by libvirt."""
 
-    @property
-    def ours(self) -> bool:
-        """A VF that libvirt expects on a VFIO driver already: the hook's to switch."""
-        return self.plug == HOSTDEV_PLUG and self.address is not None and not self.managed
-
     def hostdev(self) -> HostDev:
         if self.address is None:
             raise InputError(f"port of network {self.network} has no PCI device")

@@ -12,6 +12,9 @@ address while the pool has it is refused like any other conflict.
 libvirt facts this rests on (libvirt 11.3 source, bridge_driver.c and virhook.c):
 - every network's start/stop and every port of every network runs the hook, so anything
   but a hostdev-pci port returns before lxml is imported;
+- a managed='yes' pool's VF is libvirt's to bind: the hook records its driver at
+  `port-created` and at `port-deleted` (after libvirt's own reattach) gives it back only
+  if libvirt did not;
 - a failed `port-created` is never followed by `port-deleted`: prepare() rolls back;
 - `port-created` fires again for existing ports when the network driver restarts: a VF
   already on its VFIO driver for the same domain is kept as it is;
@@ -88,8 +91,11 @@ def _port_created(network: str, data: bytes, dry_run: bool, channel) -> int:
     from vfio_libvirt.views import preview
 
     port = NetworkPort.from_hook_xml(data, network)
-    if not port.ours:
-        return 0  # managed='yes': libvirt binds vfio-pci and gives the VF back itself
+    if port.address is None:
+        return 0
+    # managed='yes': libvirt binds vfio-pci itself; the plan only records the VF's driver
+    # (a `watch`), so port-deleted can give it back if libvirt does not (libvirt 11.3
+    # leaves a VF used managed='no' earlier on vfio-pci at stop)
     domain = Domain(name=port.owner, uuid=port.owner_uuid, hostdevs=(port.hostdev(),))
     host = Host(Settings.from_env(), read_only=dry_run)
     answer_early(host, channel, f"network {network}: {port.owner}",

@@ -123,12 +123,39 @@ def test_a_variant_driver_named_by_the_network_is_used(vfs):
     assert vfs.driver_of(VF0) == "igbvf-vfio-pci"  # no model: the best alias wins
 
 
-@pytest.mark.parametrize("managed", ["yes"])
-def test_a_managed_yes_pool_is_left_to_libvirt(vfs, managed):
-    assert net_hook("vfpool", "port-created", hook_data(managed=managed)) == 0
-    assert vfs.writes == [] and journal() == {}
-    assert net_hook("vfpool", "port-deleted", hook_data(managed=managed)) == 0
+def libvirt_binds_vfio(sim, bdf: str) -> None:
+    """What libvirt does for a managed='yes' hostdev between port-created and start."""
+    sim.add_module("vfio_pci", "vfio-pci", vfio=True, aliases=["vfio_pci:v*d*sv*sd*bc*sc*i*"],
+                   loaded=True)
+    sim.write(sim.devices / bdf / "driver_override", "vfio-pci")
+    sim.write(sim.devices / bdf / "driver" / "unbind", bdf)
+    sim.write(sim.sys / "bus/pci/drivers_probe", bdf)
+
+
+def test_a_managed_yes_pool_is_libvirts_and_the_hook_only_watches(vfs):
+    assert net_hook("vfpool", "port-created", hook_data(managed="yes")) == 0
     assert vfs.writes == []
+    entry = journal()[VF0]
+    assert (entry["role"], entry["status"], entry["network"]) == ("watch", "watching", "vfpool")
+    assert entry["original_driver"] == "igbvf"
+    libvirt_binds_vfio(vfs, VF0)
+    # libvirt's reattach, before port-deleted
+    vfs.write(vfs.devices / VF0 / "driver_override", "\n")
+    vfs.write(vfs.devices / VF0 / "driver" / "unbind", VF0)
+    vfs.write(vfs.sys / "bus/pci/drivers_probe", VF0)
+    writes = len(vfs.writes)
+    assert net_hook("vfpool", "port-deleted", hook_data(managed="yes")) == 0
+    assert len(vfs.writes) == writes and journal() == {} and vfs.driver_of(VF0) == "igbvf"
+
+
+def test_a_managed_yes_pool_vf_libvirt_left_on_vfio_is_given_back(vfs):
+    """libvirt 11.3 skips the reattach of a VF it once saw managed='no' (the libvirt tier)."""
+    assert net_hook("vfpool", "port-created", hook_data(managed="yes")) == 0
+    libvirt_binds_vfio(vfs, VF0)
+    assert vfs.driver_of(VF0) == "vfio-pci"
+    assert net_hook("vfpool", "port-deleted", hook_data(managed="yes")) == 0
+    assert vfs.driver_of(VF0) == "igbvf" and vfs.override_of(VF0) is None
+    assert journal() == {} and pf_untouched(vfs)
 
 
 def test_a_missing_managed_attribute_means_no(vfs):

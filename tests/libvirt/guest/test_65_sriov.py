@@ -5,8 +5,8 @@
   * <interface type='network'> on a managed='no' hostdev pool: libvirt picks the VF
     while it allocates the port, after the qemu hook's prepare, so the network hook
     (port-created / port-deleted) binds and restores it.
-  * a managed='yes' pool: libvirt binds and gives back the VF itself; the hooks stay
-    out of its way.
+  * a managed='yes' pool: libvirt binds and gives back the VF itself; the network hook
+    only records the VF's driver (a `watch`) and gives it back if libvirt does not.
 
 The managed='yes' pool goes first, while the VFs are fresh in the daemon's life: libvirt
 11.3 remembers a device's earlier managed='no' use and then does not give it back at
@@ -72,7 +72,7 @@ def _pool_vf(sriov, pool: str, name: str, managed: str) -> tuple[PciDevice, PciD
     return vf, other
 
 
-def test_managed_yes_pool_is_left_to_libvirt(lv, sriov, devices, domains):
+def test_managed_yes_pool_is_libvirts_and_the_hook_only_watches(lv, sriov, devices, domains):
     pool = sriov.networks.hostdev_pool("vfpool-yes", sriov.netdev, managed=True)
     name = domains.define("sriov-pool-yes", [], [G.network_interface(pool)])
     mark = lv.syslog.mark()
@@ -81,7 +81,10 @@ def test_managed_yes_pool_is_left_to_libvirt(lv, sriov, devices, domains):
     vf, other = _pool_vf(sriov, pool, name, "yes")
     _assert_given_to(name, vf)     # libvirt bound it (vfio-pci, its override)
     _intact(sriov, other)
-    assert G.journal() == {}, "the hooks took part in a managed='yes' pool's VF"
+    # the network hook only watches: it recorded the VF's driver, libvirt bound it
+    (entry,) = G.journal().values()
+    assert (entry["address"], entry["role"], entry["network"]) == (vf.bdf, "watch", pool), entry
+    assert entry["original_driver"] == H.IGB_VF_DRIVER
 
     domains.destroy(name)
     _assert_home(vf)
