@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 
 import vfio_libvirt
+from tests.support import debbuild
 from vfio_libvirt.cli import build_parser
 from vfio_libvirt.cli_host import HOOK_OPS
 
@@ -298,36 +299,14 @@ class Built:
                               text=True, check=True).stdout.strip()
 
 
-def _copy_tree(dest: Path) -> None:
-    """The working tree as git sees it (tracked and new files, not ignored ones)."""
-    listed = subprocess.run(["git", "ls-files", "-z", "-co", "--exclude-standard"], cwd=REPO,
-                            capture_output=True, check=False)
-    if listed.returncode == 0:
-        for name in filter(None, listed.stdout.decode().split("\0")):
-            src = REPO / name
-            if src.is_file():
-                (dest / name).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(src, dest / name)
-        return
-    shutil.copytree(REPO, dest, dirs_exist_ok=True, symlinks=True, ignore=shutil.ignore_patterns(
-        ".git", ".pybuild", "build", "*.egg-info", "__pycache__", ".ruff_cache", ".pytest_cache"))
-
-
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> Built:
     top = tmp_path_factory.mktemp("debian-build")
-    src = top / "src"
-    src.mkdir()
-    _copy_tree(src)
-    env = {"PATH": CLEAN_PATH, "HOME": str(top), "LC_ALL": "C.UTF-8", "TMPDIR": str(top)}
-    proc = subprocess.run(["dpkg-buildpackage", "-us", "-uc", "-b"], cwd=src, env=env,
-                          capture_output=True, text=True, check=False)
-    log = proc.stdout + proc.stderr
-    if proc.returncode != 0:
-        pytest.fail(f"dpkg-buildpackage -us -uc -b failed ({proc.returncode}):\n{log[-6000:]}")
+    try:
+        deb, log = debbuild.build(top)
+    except debbuild.BuildFailed as err:
+        pytest.fail(str(err))
     version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
-    deb = top / f"{PACKAGE}_{version}_all.deb"
-    assert deb.is_file(), f"no {deb.name} next to the source tree: {sorted(p.name for p in top.iterdir())}"
     return Built(deb=deb, changes=next(top.glob(f"{PACKAGE}_{version}_*.changes")), log=log)
 
 

@@ -604,6 +604,7 @@ def check_libvirt_provisioned(cache: os.PathLike | str | None = None,
 def run_pytest_in_guest(testdir: str, *, timeout: float, info: GuestInfo,
                         args: Sequence[str] = (),
                         devices: Sequence[TestDevice] = DEFAULT_TEST_DEVICES,
+                        env: Mapping[str, str] | None = None,
                         ) -> tuple[GuestResult, ET.Element | None]:
     """One boot, one inner pytest session on `testdir` (repo-relative); (result, JUnit root).
 
@@ -613,7 +614,7 @@ def run_pytest_in_guest(testdir: str, *, timeout: float, info: GuestInfo,
                           "-q", "-o", "console_output_style=classic", *args])
     command += ' --junitxml="$VFIO_LIBVIRT_TEST_OUT/junit.xml"'
     result = run_in_guest(command, timeout=timeout, keep_out=True, info=info, echo=True,
-                          devices=devices)
+                          devices=devices, env=env)
     try:
         junit = result.out_dir / "junit.xml" if result.out_dir else None
         report = ET.parse(junit).getroot() if junit and junit.is_file() else None
