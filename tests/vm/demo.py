@@ -264,11 +264,10 @@ def guest_main(shared: Path) -> int:
         say(f"virsh start {name}")
         G.virsh("start", name)
         _record(pci, rows, "during")
-        held = G.open_files(G.qemu_pid(name))
+        qemu = G.qemu_pid(name)
         for dev in pci:
             rows[dev.bdf]["during_vfio"] = (dev.path / "vfio-dev").is_dir()
-            cdevs = {f"/dev/vfio/devices/{p.name}" for p in (dev.path / "vfio-dev").glob("vfio*")}
-            rows[dev.bdf]["held"] = f"/dev/vfio/{dev.iommu_group}" in held or bool(cdevs & held)
+            rows[dev.bdf]["held"] = G.holds_vfio(qemu, dev)
         say(f"virsh destroy {name}")
         G.virsh("destroy", name)
         for dev in pci:
