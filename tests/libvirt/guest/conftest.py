@@ -14,9 +14,7 @@ One session, one daemon, in file order (pytest runs the files by name):
                       managed='no', mixed, conflicts, the CLI
   test_65_sriov       VFs of the igb PF: interface type='hostdev', hostdev networks
                       (the network hook), `sriov` fixture
-  test_70_uninstall   install.sh --uninstall
-  test_80..test_90    the Debian package the host built (VFIO_LIBVIRT_TEST_DEB): dpkg -i
-                      and a domain through it, the Ansible role twice, dpkg -r / -P
+  test_70_uninstall   install.sh --uninstall, last
 Every domain test starts and ends with the test devices on their boot drivers, no
 driver_override, an empty journal and no running domain (`devices` fixture); the
 domains it defined are destroyed and undefined first (`domains` fixture).

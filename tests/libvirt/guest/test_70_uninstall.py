@@ -1,4 +1,4 @@
-"""install.sh --uninstall (the package follows): /etc/libvirt/hooks exactly as before the install."""
+"""install.sh --uninstall, last: /etc/libvirt/hooks exactly as before the install."""
 
 from __future__ import annotations
 
