@@ -152,14 +152,15 @@ def _hostdev_of(element: etree._Element) -> HostDev | None:
     driver_model = model.get("model") if model is not None else None
     return HostDev(
         address=pci,
-        managed=_yes_no(element.get("managed"), pci),
+        managed=managed_attribute(element.get("managed"), pci),
         driver_model=driver_name(driver_model) if driver_model is not None else None,
         origin=origin,
     )
 
 
-def _yes_no(value: str | None, address: PciAddress) -> bool:
-    # libvirt's default for both <hostdev> and <interface type='hostdev'> is managed='no'.
+def managed_attribute(value: str | None, address: PciAddress) -> bool:
+    """managed='yes'/'no'; absent is 'no', libvirt's default for <hostdev>, <interface
+    type='hostdev'> and a hostdev network's <forward> (which a port's <plug> copies)."""
     if value is None or value == "no":
         return False
     if value == "yes":

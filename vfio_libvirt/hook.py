@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 
-from vfio_libvirt.hookrun import PREFIX, answer_early, guarded, journal_exists, run
+from vfio_libvirt.hookrun import PREFIX, answer_early, guarded, journal_exists, print_preview, run
 
 # `typing` alone costs more than the whole fast path; only type checkers need these.
 TYPE_CHECKING = False
@@ -59,7 +59,6 @@ def _prepare(domain_name: str, data: bytes, dry_run: bool, channel) -> int:
     from vfio_libvirt.errors import InputError
     from vfio_libvirt.lifecycle import Host, prepare
     from vfio_libvirt.settings import Settings
-    from vfio_libvirt.views import preview
 
     domain = Domain.from_xml(data)
     if domain.name != domain_name:
@@ -70,12 +69,7 @@ def _prepare(domain_name: str, data: bytes, dry_run: bool, channel) -> int:
     # a start answers by its binds' deadline plus a rollback's
     answer_early(host, channel, domain_name, host.config.bind_timeout + host.config.restore_timeout)
     if dry_run:
-        plan = preview(host, domain)
-        for step in plan.steps:
-            print(step.describe())
-        for problem in plan.problems:
-            print(f"refused: {problem}")
-        return (2 if plan.bad_input else 1) if plan.problems else 0
+        return print_preview(host, domain)
     prepare(host, domain)
     return 0
 

@@ -47,6 +47,18 @@ def answer_early(host, channel, label: str, seconds: float) -> None:
     host.answer = answer
 
 
+def print_preview(host, domain) -> int:
+    """A dry run's start: print the plan, and exit as the start would (2: bad input)."""
+    from vfio_libvirt.views import preview
+
+    plan = preview(host, domain)
+    for step in plan.steps:
+        print(step.describe())
+    for problem in plan.problems:
+        print(f"refused: {problem}")
+    return (2 if plan.bad_input else 1) if plan.problems else 0
+
+
 def guarded(label: str, action) -> int:
     """Run `action` with logging set up; turn every failure into one line and an exit code."""
     import logging

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from lxml import etree
 
-from vfio_libvirt.domain import HostDev, parse_xml
+from vfio_libvirt.domain import HostDev, managed_attribute, parse_xml
 from vfio_libvirt.errors import InputError
 from vfio_libvirt.names import driver_name
 from vfio_libvirt.pci import PciAddress
@@ -75,7 +75,7 @@ class NetworkPort:
         model = None
         if plug is not None and plug_type == HOSTDEV_PLUG:
             address = _plug_address(plug, network)
-            managed = _managed(plug.get("managed"), address)
+            managed = managed_attribute(plug.get("managed"), address)
             driver = plug.find("driver")
             if driver is not None and driver.get("model") is not None:
                 model = driver_name(driver.get("model") or "")
@@ -103,12 +103,3 @@ def _plug_address(plug: etree._Element, network: str) -> PciAddress:
         domain=address.get("domain"), bus=address.get("bus"),
         slot=address.get("slot"), function=address.get("function"),
     )
-
-
-def _managed(value: str | None, address: PciAddress) -> bool:
-    # libvirt writes managed from <forward managed>, whose default is 'no'
-    if value is None or value == "no":
-        return False
-    if value == "yes":
-        return True
-    raise InputError(f"device {address}: managed={value!r} is not 'yes' or 'no'")

@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import sys
 
-from vfio_libvirt.hookrun import PREFIX, answer_early, journal_exists, run
+from vfio_libvirt.hookrun import PREFIX, answer_early, journal_exists, print_preview, run
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -88,7 +88,6 @@ def _port_created(network: str, data: bytes, dry_run: bool, channel) -> int:
     from vfio_libvirt.lifecycle import Host, prepare
     from vfio_libvirt.netport import NetworkPort
     from vfio_libvirt.settings import Settings
-    from vfio_libvirt.views import preview
 
     port = NetworkPort.from_hook_xml(data, network)
     if port.address is None:
@@ -101,12 +100,7 @@ def _port_created(network: str, data: bytes, dry_run: bool, channel) -> int:
     answer_early(host, channel, f"network {network}: {port.owner}",
                  host.config.bind_timeout + host.config.restore_timeout)
     if dry_run:
-        plan = preview(host, domain)
-        for step in plan.steps:
-            print(step.describe())
-        for problem in plan.problems:
-            print(f"refused: {problem}")
-        return (2 if plan.bad_input else 1) if plan.problems else 0
+        return print_preview(host, domain)
     prepare(host, domain, network=network)
     return 0
 
