@@ -303,9 +303,13 @@ def release(host: Host, domain_name: str, only: Callable[[Entry], bool] | None =
     # write returns; it finishes its own devices (they carry its pid).  The domain's
     # other devices (another port, the qemu hook's) go home now, without that lock: the
     # journal lock decides, entry by entry, that none of them is that run's.
+    # Releases beside a stuck run take turns on the domain's side lock, which also tells
+    # status and the next start that this one is alive if it gets stuck in turn.
     busy = frozenset(e.pid for e in stuck if e.pid is not None)
     waiting = [stuck_line(e) for e in stuck if scope(e)]
-    return waiting + _release(host, domain_name, lambda e: scope(e) and e.pid not in busy, deadline, busy)
+    with host.domain_locks.hold(domain_name, host.config.restore_timeout, side=True):
+        return waiting + _release(host, domain_name, lambda e: scope(e) and e.pid not in busy,
+                                  deadline, busy)
 
 
 def _release(

@@ -60,19 +60,28 @@ class DomainLocks:
         # names come from libvirt or `bind --owner`: hash them rather than trust them in a path
         return self.dir / (hashlib.sha256(domain.encode()).hexdigest()[:24] + ".lock")
 
+    def side_path(self, domain: str) -> Path:
+        return self.path(domain).with_suffix(".side.lock")
+
     @contextmanager
-    def hold(self, domain: str, timeout: float) -> Iterator[None]:
+    def hold(self, domain: str, timeout: float, *, side: bool = False) -> Iterator[None]:
+        """`side`: the lock of a release that runs beside a run stuck in the kernel (which
+        keeps the domain's own lock until its write returns); such releases take turns."""
         what = f"domain {domain} is being prepared or restored by another run; its lock was"
-        with flock_file(self.path(domain), exclusive=True, timeout=timeout, what=what):
+        path = self.side_path(domain) if side else self.path(domain)
+        with flock_file(path, exclusive=True, timeout=timeout, what=what):
             yield
 
     def busy(self, domain: str) -> bool:
-        """True while some run holds `domain`'s lock (its entries are being worked on)."""
-        path = self.path(domain)
-        if not path.exists():
+        """True while some run holds one of `domain`'s locks (its entries are being worked on)."""
+        return any(_held(path) for path in (self.path(domain), self.side_path(domain)))
+
+
+def _held(path: Path) -> bool:
+    if not path.exists():
+        return False
+    try:
+        with flock_file(path, exclusive=True, timeout=0, what=""):
             return False
-        try:
-            with flock_file(path, exclusive=True, timeout=0, what=""):
-                return False
-        except OperationError:
-            return True
+    except OperationError:
+        return True

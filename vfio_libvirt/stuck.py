@@ -13,6 +13,7 @@ and finish the job the caller describes, updating the journal as it goes.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import replace
@@ -150,9 +151,22 @@ def answer(host: Host, code: int, message: str) -> None:
 
 def stuck_entries(host: Host, domain: str) -> list[Entry]:
     """`domain`'s entries stuck in a live run's kernel write (none if that run is gone:
-    then a release or restore may take them over)."""
-    stuck = [e for e in host.journal.read().for_domain(domain) if e.status == "stuck"]
+    then a release or restore may take them over).  Alive: its process exists and one of
+    the domain's locks is held; another run holding the lock does not keep a dead run's
+    entry alive."""
+    stuck = [e for e in host.journal.read().for_domain(domain)
+             if e.status == "stuck" and (e.pid is None or _process_exists(e.pid))]
     return stuck if stuck and host.domain_locks.busy(domain) else []
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # EPERM: it exists
+    return True
 
 
 def stuck_line(entry: Entry) -> str:

@@ -405,3 +405,32 @@ def test_a_vf_the_qemu_hook_kept_becomes_the_ports_when_the_pool_hands_it_out(vf
     assert journal()[VF0]["network"] == "vfpool"
     assert net_hook("vfpool", "port-deleted", hook_data()) == 0
     assert vfs.driver_of(VF0) == "igbvf" and journal() == {}
+
+
+def test_a_release_stuck_beside_a_stuck_run_stays_alive_after_that_run_ends(short, vfs, capsys):
+    """The second release runs without the domain lock (the first keeps it); when it gets
+    stuck too and the first finishes, its device must not look abandoned: a new start
+    is refused until it returns, and it still brings the VF home."""
+    assert net_hook("vfpool", "port-created", hook_data(VF0)) == 0
+    assert net_hook("vfpool", "port-created", hook_data(VF1)) == 0
+    as_another_run(VF1)
+    gate0 = vfs.faults.blocked[("drivers_probe", VF0)] = threading.Event()
+    gate1 = vfs.faults.blocked[("drivers_probe", VF1)] = threading.Event()
+    first = Background(lambda host: release(host, "vm1", only=lambda e: e.address == VF0))
+    try:
+        first.first_answer(within=SHORT_DEADLINE + 3)
+        second = Background(lambda host: release(host, "vm1", only=lambda e: e.address == VF1))
+        second.first_answer(within=SHORT_DEADLINE + 3)
+        gate0.set()
+        first.finish()
+        assert vfs.driver_of(VF0) == "igbvf"
+        assert journal()[VF1]["status"] == "stuck"
+        capsys.readouterr()
+        assert net_hook("vfpool", "port-created", hook_data(VF1)) == 1  # the VM started again
+        assert "stuck" in capsys.readouterr().err
+        assert journal()[VF1]["status"] == "stuck"
+    finally:
+        gate0.set()
+        gate1.set()
+    second.finish()
+    assert vfs.driver_of(VF1) == "igbvf" and journal() == {}
