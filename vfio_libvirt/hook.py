@@ -13,7 +13,15 @@ from __future__ import annotations
 import os
 import sys
 
-from vfio_libvirt.hookrun import PREFIX, answer_early, guarded, journal_exists, print_preview, run
+from vfio_libvirt.hookrun import (
+    PREFIX,
+    answer_early,
+    guarded,
+    hook_words,
+    journal_exists,
+    print_preview,
+    run,
+)
 
 # `typing` alone costs more than the whole fast path; only type checkers need these.
 TYPE_CHECKING = False
@@ -28,12 +36,9 @@ def main(
     """`detach` (default: when run as libvirt's hook, i.e. without `argv`): do the work in a
     child process that answers libvirt on time however long the kernel takes (detach.py)."""
     detach = argv is None if detach is None else detach
-    argv = list(sys.argv if argv is None else argv)
-    if len(argv) < 4:
-        print(f"{PREFIX}: usage: {argv[0] if argv else 'qemu'} DOMAIN OP SUBOP [EXTRA…]",
-              file=sys.stderr)
+    if (words := hook_words(argv, "qemu", "DOMAIN")) is None:
         return 2
-    domain_name, op, subop = argv[1:4]
+    domain_name, op, subop = words
     dry_run = os.environ.get("VFIO_LIBVIRT_DRY_RUN") == "1"
     if (op, subop) == ("prepare", "begin"):
         from vfio_libvirt.limits import MAX_XML_BYTES

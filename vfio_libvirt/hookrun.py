@@ -12,7 +12,22 @@ import os
 import sys
 import time
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
 PREFIX = "vfio-libvirt"
+
+
+def hook_words(argv: Sequence[str] | None, hook: str, subject: str) -> tuple[str, str, str] | None:
+    """(subject, op, subop) from libvirt's `<hook> <subject> <op> <subop> <extra…>` (sys.argv
+    when `argv` is None); None after a usage line on stderr when words are missing."""
+    words = list(sys.argv if argv is None else argv)
+    if len(words) < 4:
+        print(f"{PREFIX}: usage: {words[0] if words else hook} {subject} OP SUBOP [EXTRA…]",
+              file=sys.stderr)
+        return None
+    return words[1], words[2], words[3]
 
 
 def journal_exists() -> bool:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import sys
 
-from vfio_libvirt.hookrun import PREFIX, answer_early, journal_exists, print_preview, run
+from vfio_libvirt.hookrun import PREFIX, answer_early, hook_words, journal_exists, print_preview, run
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -42,12 +42,9 @@ def main(
 ) -> int:
     """`detach` as in hook.main: a child answers libvirt on time, whatever the kernel does."""
     detach = argv is None if detach is None else detach
-    argv = list(sys.argv if argv is None else argv)
-    if len(argv) < 4:
-        print(f"{PREFIX}: usage: {argv[0] if argv else 'network'} NETWORK OP SUBOP [EXTRA…]",
-              file=sys.stderr)
+    if (words := hook_words(argv, "network", "NETWORK")) is None:
         return 2
-    network, op, subop = argv[1:4]
+    network, op, subop = words
     if op not in PORT_OPS or subop != "begin":
         return 0  # network start/stop/update: nothing of ours
     if op == "port-deleted" and not journal_exists():
