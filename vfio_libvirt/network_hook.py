@@ -118,7 +118,7 @@ def _port_deleted(network: str, data: bytes, dry_run: bool, channel) -> int:
 
     mine = [e for e in host.journal.read().for_domain(port.owner) if this_port(e)]
     if not mine:
-        return 0  # managed='yes', or given back already
+        return 0  # never switched nor watched here, or given back already
     answer_early(host, channel, f"network {network}: {port.owner}", host.config.restore_timeout)
     if dry_run:
         for entry in mine:
