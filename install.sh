@@ -69,15 +69,25 @@ put() {
     fi
 }
 
+# doctor judges whether a running daemon has seen the hook by its start time; a reload
+# leaves no trace of its own, so leave one (vfio_libvirt/cli_common.py: reload_marks)
+mark_reloaded() {
+    [ "$DRY" = 0 ] || return 0
+    local state="${VFIO_LIBVIRT_STATE_DIR:-/run/vfio-libvirt}"
+    { mkdir -p -m 700 "$state" && mkdir -p "$state/reloaded" && touch "$state/reloaded/$1"; } 2>/dev/null || true
+}
+
 reload_libvirt() {
     [ -z "$ROOT" ] || { say "installed into $ROOT: no daemon to reload"; return; }
     local daemon reloaded=0
     # the network hook runs in virtnetworkd on a modular host, in libvirtd otherwise
     for daemon in virtqemud virtnetworkd libvirtd; do
         if command -v systemctl >/dev/null && systemctl is-active --quiet "$daemon" 2>/dev/null; then
-            run systemctl reload "$daemon" && say "reloaded $daemon: it now runs the hook" && reloaded=1
+            run systemctl reload "$daemon" && say "reloaded $daemon: it now runs the hook" && reloaded=1 \
+                && mark_reloaded "$daemon"
         elif pidof "$daemon" >/dev/null 2>&1; then
-            run kill -HUP "$(pidof "$daemon")" && say "sent SIGHUP to $daemon: it now runs the hook" && reloaded=1
+            run kill -HUP "$(pidof "$daemon")" && say "sent SIGHUP to $daemon: it now runs the hook" \
+                && reloaded=1 && mark_reloaded "$daemon"
         fi
     done
     [ "$reloaded" = 1 ] || say "no libvirt daemon is running: the hook is picked up when it starts"

@@ -138,6 +138,34 @@ def require_valid_config(settings: Settings) -> Config:
     return config
 
 
+RELOADED_DIR = "reloaded"   # <state dir>/reloaded/<daemon>, touched by install.sh and the package
+
+
+def reload_marks(state_dir: Path) -> dict[str, float]:
+    """When install.sh or the package last reloaded each libvirt daemon (epoch seconds).
+
+    libvirt looks for hooks when a daemon starts or reloads, and a reload leaves no trace
+    in /proc: the installers leave one here.  The state dir is a tmpfs, so a mark never
+    outlives the boot whose daemons it speaks of.
+    """
+    marks: dict[str, float] = {}
+    try:
+        for mark in (state_dir / RELOADED_DIR).iterdir():
+            marks[mark.name] = mark.lstat().st_mtime
+    except OSError:
+        pass
+    return marks
+
+
+def hook_seen_by(start: float, reloaded: float, hook: Path) -> str:
+    """How a running daemon came to see `hook`: "started" after it was installed,
+    "reloaded" since, or "" when it has not looked since (it does not run it)."""
+    mtime = installed_at(hook)
+    if start >= mtime:
+        return "started"
+    return "reloaded" if reloaded >= mtime else ""
+
+
 def installed_at(hook: Path) -> float:
     """When a hook appeared: the later of the link's and its target's mtime.  The Debian
     package links /etc/libvirt/hooks/*.d/vfio-libvirt to a file whose mtime is the build's,

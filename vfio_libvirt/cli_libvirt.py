@@ -16,7 +16,8 @@ from vfio_libvirt.cli_common import (
     Finding,
     core_logs_silenced,
     emit_json,
-    installed_at,
+    hook_seen_by,
+    reload_marks,
     require_valid_config,
 )
 from vfio_libvirt.doctor_networks import NETWORK_HOOK
@@ -76,12 +77,13 @@ def doctor(settings: Settings, uri: str | None, hook: Path, network_hook: Path) 
         meaning = ("variant drivers usable for managed='no'" if version >= VARIANT_MIN
                    else "libvirt < 10 accepts only vfio-pci for managed='no'; variant drivers unusable")
         out.append(Finding("ok" if version >= VARIANT_MIN else "warn", f"libvirt {label}: {meaning}"))
-    out += _hook_findings(hook)
+    reloaded = reload_marks(settings.state_dir)
+    out += _hook_findings(hook, reloaded)
     state = settings.state_dir
     if state.exists() and (state.stat().st_mode & 0o077):
         out.append(Finding("warn", f"state dir {state} is readable by others", f"chmod 700 {state}"))
     out += _journal_findings(host) if state.exists() else [Finding("ok", "journal: 0 device(s)")]
-    out += _libvirt_findings(host, uri, network_hook)
+    out += _libvirt_findings(host, uri, network_hook, reloaded)
     return out
 
 
@@ -142,20 +144,22 @@ def _config_findings(path: Path) -> list[Finding]:
             for problem in config.problems]
 
 
-def _hook_findings(hook: Path) -> list[Finding]:
+def _hook_findings(hook: Path, reloaded: dict[str, float]) -> list[Finding]:
     if not hook.exists():
         return [Finding("fail", f"hook {hook} not installed", "sudo ./install.sh")]
     if not os.access(hook, os.X_OK):
         return [Finding("fail", f"hook {hook} is not executable", f"chmod 755 {hook}")]
     found = [Finding("ok", f"hook installed: {hook}")]
     started = _daemon_start_times()
-    mtime = installed_at(hook)
     for daemon, start in started.items():
-        if start < mtime:
+        seen = hook_seen_by(start, reloaded.get(daemon, 0.0), hook)
+        if seen == "started":
+            found.append(Finding("ok", f"{daemon} started after the hook: it runs it"))
+        elif seen == "reloaded":
+            found.append(Finding("ok", f"{daemon} reloaded since the hook was installed: it runs it"))
+        else:
             found.append(Finding("warn", f"{daemon} started before the hook was installed",
                                  f"systemctl reload {daemon}"))
-        else:
-            found.append(Finding("ok", f"{daemon} started after the hook: it runs it"))
     if not started:
         found.append(Finding("warn", "no libvirtd/virtqemud running",
                              "start libvirtd or virtqemud"))
@@ -187,7 +191,8 @@ def _boot_time() -> float:
     return 0.0
 
 
-def _libvirt_findings(host, uri: str | None, network_hook: Path) -> list[Finding]:
+def _libvirt_findings(host, uri: str | None, network_hook: Path,
+                      reloaded: dict[str, float]) -> list[Finding]:
     """Every domain's devices and every SR-IOV hostdev network, over one read-only connection."""
     from vfio_libvirt.doctor_networks import NETWORK_DAEMONS, NetworkXml, network_findings, read_networks
     from vfio_libvirt.virt import connect, xml_of
@@ -207,7 +212,8 @@ def _libvirt_findings(host, uri: str | None, network_hook: Path) -> list[Finding
     if network_error:
         return [*found, Finding("warn", network_error)]
     # looked at after the listing, which socket-activates virtnetworkd if it had exited
-    return found + network_findings(networks, network_hook, _daemon_start_times(NETWORK_DAEMONS))
+    return found + network_findings(networks, network_hook, _daemon_start_times(NETWORK_DAEMONS),
+                                    reloaded)
 
 
 def _domain_findings(host, domains: dict[str, bytes]) -> list[Finding]:

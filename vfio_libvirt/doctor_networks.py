@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from vfio_libvirt.cli_common import Finding, installed_at
+from vfio_libvirt.cli_common import Finding, hook_seen_by
 from vfio_libvirt.errors import InputError, OperationError
 
 NETWORK_HOOK = "/etc/libvirt/hooks/network.d/vfio-libvirt"
@@ -98,12 +98,13 @@ def hostdev_pool(xml: bytes) -> Pool | None:
     return Pool(managed == "yes", source)
 
 
-def network_findings(networks: Iterable[NetworkXml], hook: Path,
-                     daemons: dict[str, float]) -> list[Finding]:
+def network_findings(networks: Iterable[NetworkXml], hook: Path, daemons: dict[str, float],
+                     reloaded: dict[str, float] | None = None) -> list[Finding]:
     """One line per hostdev network (and per network that could not be read).
 
-    `daemons` maps each running network daemon to its start time (epoch seconds), to
-    tell whether it has seen the hook; other networks (nat, bridge…) get no line.
+    `daemons` maps each running network daemon to its start time and `reloaded` to when
+    an installer last reloaded it (epoch seconds, cli_common.reload_marks), to tell
+    whether it has seen the hook; other networks (nat, bridge…) get no line.
     """
     out: list[Finding] = []
     pools: list[tuple[str, Pool]] = []
@@ -135,7 +136,7 @@ def network_findings(networks: Iterable[NetworkXml], hook: Path,
         else:
             out.append(Finding("ok", f"{what}: the network hook binds its VFs"))
     if any(not pool.managed for _, pool in pools) and not missing:
-        out += _daemon_findings(hook, daemons)
+        out += _daemon_findings(hook, daemons, reloaded or {})
     if not pools:
         out.append(Finding("ok", f"networks: {count} defined, no SR-IOV hostdev pool"))
     return out
@@ -162,23 +163,27 @@ def _network_daemon(daemons: dict[str, float]) -> str:
     return "libvirtd" if "libvirtd" in daemons else "virtnetworkd (or libvirtd)"
 
 
-def _daemon_findings(hook: Path, daemons: dict[str, float]) -> list[Finding]:
-    """Whether each running network daemon has seen the hook, judged by its start time.
+def _daemon_findings(hook: Path, daemons: dict[str, float], reloaded: dict[str, float]) -> list[Finding]:
+    """Whether each running network daemon has seen the hook: started after it was
+    installed, or reloaded since by install.sh or the package.
 
-    A reload also makes it look again, and leaves no trace here: hence `warn`, not `fail`.
+    An admin's own reload leaves no trace here: hence `warn`, not `fail`.
     None running is fine: virtnetworkd is socket-activated, and the next start reads hooks.
     """
     if not daemons:
         return [Finding("ok", "no libvirtd/virtnetworkd running: the next one started runs the "
                         "network hook")]
-    mtime = installed_at(hook)
     out = []
     for daemon, start in sorted(daemons.items()):
-        if start < mtime:
+        seen = hook_seen_by(start, reloaded.get(daemon, 0.0), hook)
+        if seen == "started":
+            out.append(Finding("ok", f"{daemon} started after the network hook: it runs it"))
+        elif seen == "reloaded":
+            out.append(Finding("ok", f"{daemon} reloaded since the network hook was installed: "
+                               "it runs it"))
+        else:
             out.append(Finding("warn", f"{daemon} started before the network hook was installed: "
                                "it does not run it unless reloaded since", f"systemctl reload {daemon}"))
-        else:
-            out.append(Finding("ok", f"{daemon} started after the network hook: it runs it"))
     return out
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from tests.support.simhost import SimHost
 from tests.unit.conftest import E1000, NIC
-from vfio_libvirt import cli_libvirt
+from vfio_libvirt import cli_common, cli_libvirt
 from vfio_libvirt.cli import main
 from vfio_libvirt.doctor_networks import NetworkXml, Pool, hostdev_pool, network_findings
 from vfio_libvirt.errors import InputError
@@ -158,6 +158,19 @@ def test_unmanaged_pool_with_the_hook_is_ok_and_the_daemon_start_is_checked(netw
         ("ok", "virtnetworkd started after the network hook: it runs it")]
     (_, none_running) = network_findings([NetworkXml("vfpool", VFPOOL)], network_hook, {})
     assert none_running.level == "ok" and "the next one started runs" in none_running.what
+
+
+def test_a_daemon_an_installer_reloaded_since_the_network_hook_came_runs_it(network_hook):
+    """install.sh and the package leave a mark of each reload (cli_common.reload_marks): a
+    daemon older than the hook but reloaded since has looked for hooks again."""
+    mtime = network_hook.stat().st_mtime
+    found = network_findings([NetworkXml("vfpool", VFPOOL)], network_hook,
+                             {"libvirtd": mtime - 50, "virtnetworkd": mtime - 50},
+                             {"libvirtd": mtime + 1, "virtnetworkd": mtime - 10})
+    assert levels(found)[1:] == [
+        ("ok", "libvirtd reloaded since the network hook was installed: it runs it"),
+        ("warn", "virtnetworkd started before the network hook was installed: it does not run it "
+                 "unless reloaded since")]
 
 
 def test_managed_pool_needs_no_hook(tmp_path):
@@ -316,5 +329,30 @@ def test_a_packaged_hook_link_newer_than_the_daemon_is_not_taken_as_seen(tmp_pat
     hook.symlink_to(target)
     os.utime(hook, (3_000, 3_000), follow_symlinks=False)
     mocker.patch.object(cli_libvirt, "_daemon_start_times", return_value={"libvirtd": 2_000.0})
-    findings = {f.what: f.level for f in cli_libvirt._hook_findings(hook)}
+    findings = {f.what: f.level for f in cli_libvirt._hook_findings(hook, {})}
     assert findings["libvirtd started before the hook was installed"] == "warn"
+    # a reload by an installer before the link appeared does not count either
+    findings = {f.what: f.level for f in cli_libvirt._hook_findings(hook, {"libvirtd": 2_500.0})}
+    assert findings["libvirtd started before the hook was installed"] == "warn"
+
+
+def test_doctor_takes_an_installers_reload_mark_as_the_daemon_seeing_the_hook(tmp_path, mocker):
+    """postinst and install.sh reload a running daemon (libvirt looks for hooks again) and
+    touch <state dir>/reloaded/<daemon>: doctor reads that, not only the start time."""
+    hook = tmp_path / "vfio-libvirt"
+    hook.write_text("#!/bin/sh\n")
+    hook.chmod(0o755)
+    os.utime(hook, (3_000, 3_000))
+    state = tmp_path / "state"
+    (state / "reloaded").mkdir(parents=True)
+    for daemon, when in (("libvirtd", 3_100), ("virtqemud", 2_900)):
+        (state / "reloaded" / daemon).touch()
+        os.utime(state / "reloaded" / daemon, (when, when))
+    marks = cli_common.reload_marks(state)
+    assert marks == {"libvirtd": 3_100.0, "virtqemud": 2_900.0}
+    assert cli_common.reload_marks(tmp_path / "none") == {}
+    mocker.patch.object(cli_libvirt, "_daemon_start_times",
+                        return_value={"libvirtd": 2_000.0, "virtqemud": 2_000.0})
+    findings = {f.what: f.level for f in cli_libvirt._hook_findings(hook, marks)}
+    assert findings["libvirtd reloaded since the hook was installed: it runs it"] == "ok"
+    assert findings["virtqemud started before the hook was installed"] == "warn"

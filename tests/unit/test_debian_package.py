@@ -232,10 +232,10 @@ def _sandboxed(argv: list[str], writable: Path, env: dict[str, str], **kw) -> su
                           capture_output=True, text=True, check=False, **kw)
 
 
-def _reload_function(script: str) -> str:
+def _shell_function(script: str, name: str) -> str:
     text = (DEBIAN / f"vfio-libvirt.{script}").read_text()
-    body = re.search(r"^reload_libvirt\(\) \{\n.*?^\}\n", text, re.S | re.M)
-    assert body, f"no reload_libvirt in debian/vfio-libvirt.{script}"
+    body = re.search(rf"^{name}\(\) \{{\n.*?^\}}\n", text, re.S | re.M)
+    assert body, f"no {name} in debian/vfio-libvirt.{script}"
     return body.group(0)
 
 
@@ -245,36 +245,47 @@ def test_reload_reaches_every_running_daemon_and_never_fails(tmp_path, script, c
     """libvirt looks for hooks only at start and reload: virtqemud and virtnetworkd (modular
     daemons) and libvirtd must all hear of it.  Under systemd through deb-systemd-invoke;
     otherwise SIGHUP, except in a chroot, where pidof would name the host's daemons."""
-    stub, log = tmp_path / "stub", tmp_path / "log"
+    stub, log, state = tmp_path / "stub", tmp_path / "log", tmp_path / "state"
     stub.mkdir()
     stubs = {
         "pidof": 'case "$1" in virtqemud) echo 101 102;; libvirtd) echo 201;; *) exit 1;; esac',
         "ischroot": f"exit {0 if chroot else 1}",
-        "deb-systemd-invoke": f'echo "deb-systemd-invoke $*" >> {log}; exit 1',
-        "systemctl": f'echo "systemctl $*" >> {log}; exit 1',
+        # virtqemud takes the reload; libvirtd's unit is not there
+        "deb-systemd-invoke": f'echo "deb-systemd-invoke $*" >> {log}; [ "$2" = virtqemud.service ]',
+        "systemctl": f'echo "systemctl $*" >> {log}; [ "$1 $3" = "is-active virtqemud.service" ]',
     }
     for name, body in stubs.items():
         (stub / name).write_text(f"#!/bin/sh\n{body}\n")
         (stub / name).chmod(0o755)
     program = "\n".join([
         "say() { echo \"vfio-libvirt: $*\"; }",
-        f'kill() {{ echo "kill $*" >> {log}; return 1; }}',  # a daemon gone meanwhile
+        # virtqemud takes the signal, libvirtd is gone meanwhile
+        f'kill() {{ echo "kill $*" >> {log}; [ "$2" = 101 ]; }}',
         'ROOT=""',
-        _reload_function(script),
+        *([_shell_function(script, "mark_reloaded")] if script == "postinst" else []),
+        _shell_function(script, "reload_libvirt"),
         "reload_libvirt",
         "echo rc=$?",
     ])
-    proc = _sandboxed(["sh", "-e", "-c", program], tmp_path, {"PATH": f"{stub}:{CLEAN_PATH}"})
+    proc = _sandboxed(["sh", "-e", "-c", program], tmp_path,
+                      {"PATH": f"{stub}:{CLEAN_PATH}", "VFIO_LIBVIRT_STATE_DIR": str(state)})
     assert proc.returncode == 0 and proc.stdout.endswith("rc=0\n"), proc.stdout + proc.stderr
     calls = log.read_text().splitlines() if log.exists() else []
-    if Path("/run/systemd/system").is_dir():
-        assert calls == [f"deb-systemd-invoke try-reload-or-restart {d}.service"
-                         for d in ("virtqemud", "virtnetworkd", "libvirtd")]
+    systemd = Path("/run/systemd/system").is_dir()
+    if systemd:
+        assert [c for c in calls if c.startswith("deb-systemd-invoke")] == [
+            f"deb-systemd-invoke try-reload-or-restart {d}.service"
+            for d in ("virtqemud", "virtnetworkd", "libvirtd")]
     elif chroot:
         assert calls == []
     else:
         assert calls == ["kill -HUP 101 102", "kill -HUP 201"]
-    assert "systemctl" not in "\n".join(calls)
+    # services are acted on through deb-systemd-invoke (policy-rc.d); systemctl only asked
+    assert all(c.startswith("systemctl is-active ") for c in calls if c.startswith("systemctl"))
+    # postinst leaves doctor a mark of each daemon that took the reload, and only of those
+    marks = sorted(p.name for p in (state / "reloaded").iterdir()) if state.exists() else []
+    took = script == "postinst" and not chroot
+    assert marks == (["virtqemud"] if took else []), (marks, calls)
 
 
 # --- the built package ---------------------------------------------------------------------
