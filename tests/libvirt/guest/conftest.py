@@ -9,12 +9,16 @@ or tests/conftest.py points the product at an empty sandbox.
 
 One session, one daemon, in file order (pytest runs the files by name):
   test_10_install     install.sh ran (twice) before libvirtd started, as it must
-  test_20..test_60    domains: managed='yes' on the fresh daemon first (libvirt 11.3
-                      remembers an earlier managed='no' use of a device), then
-                      managed='no', mixed, conflicts, the CLI
+  test_20_managed_yes managed='yes' on the fresh daemon first (libvirt 11.3 remembers
+                      an earlier managed='no' use of a device), through install.sh's hook
+  test_25_package     the admin moves to the Debian package the host built
+                      (VFIO_LIBVIRT_TEST_DEB): install.sh --uninstall, then dpkg -i;
+                      every later domain runs through the package's hooks
+  test_30..test_60    domains: managed='no', mixed, conflicts, the CLI
   test_65_sriov       VFs of the igb PF: interface type='hostdev', hostdev networks
                       (the network hook), `sriov` fixture
-  test_70_uninstall   install.sh --uninstall, last
+  test_80_ansible     ansible/site.yml applied twice with -c local: the second changes nothing
+  test_90_package_removal  dpkg -r leaves no hook, dpkg -P no config; last
 Every domain test starts and ends with the test devices on their boot drivers, no
 driver_override, an empty journal and no running domain (`devices` fixture); the
 domains it defined are destroyed and undefined first (`domains` fixture).
@@ -71,7 +75,7 @@ def pytest_runtest_makereport(item, call):
 
 @dataclass
 class LibvirtHost:
-    """What the session set up, and what it saw on the way (for test_10 and test_70)."""
+    """What the session set up, and what it saw on the way (for test_10, test_25, test_90)."""
 
     hooks_before: list          # tree_listing(/etc/libvirt/hooks) before install.sh
     install_first: subprocess.CompletedProcess
@@ -157,7 +161,7 @@ def _recover(pci: Pci) -> None:
     """Best effort, so that one failure does not fail every later test too."""
     for name in G.running_domains():
         G.virsh("destroy", name, check=False)
-    if G.CLI.exists():
+    if G.CLI.exists() or G.PACKAGE_CLI.exists():
         G.vfio_libvirt("restore", "--all")
     for dev in pci:
         dev.restore()

@@ -29,8 +29,12 @@ URI = "qemu:///system"
 HOOKS_DIR = Path("/etc/libvirt/hooks")
 HOOK = HOOKS_DIR / "qemu.d" / "vfio-libvirt"
 NETWORK_HOOK = HOOKS_DIR / "network.d" / "vfio-libvirt"
-CLI = Path("/usr/local/sbin/vfio-libvirt")
+CLI = Path("/usr/local/sbin/vfio-libvirt")            # install.sh's (test_10, test_20)
 INSTALLED_LIB = Path("/usr/lib/vfio-libvirt")
+PACKAGE_CLI = Path("/usr/sbin/vfio-libvirt")           # the Debian package's (test_25 on)
+PACKAGE_LIBEXEC = Path("/usr/libexec/vfio-libvirt")
+# the package the host built for this boot (tests/libvirt/test_libvirt_tier.py)
+DEB = Path(os.environ.get("VFIO_LIBVIRT_TEST_DEB") or "/nonexistent/vfio-libvirt.deb")
 CONFIG_DIR = Path("/etc/vfio-libvirt")
 JOURNAL = Path("/run/vfio-libvirt/journal.json")
 QEMU_LOG_DIR = Path("/var/log/libvirt/qemu")
@@ -134,9 +138,30 @@ def virsh(*args: str, check: bool = True, timeout: float = 180) -> subprocess.Co
     return proc
 
 
+def installed_cli() -> Path:
+    """The CLI of whichever install is in place: install.sh's or the package's, never both
+    (the package's preinst refuses to go over an install.sh copy)."""
+    found = [path for path in (CLI, PACKAGE_CLI) if path.exists()]
+    if len(found) != 1:
+        raise CommandFailed(f"expected exactly one installed vfio-libvirt CLI, found {found}")
+    return found[0]
+
+
 def vfio_libvirt(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    """The CLI as install.sh installed it, run like an admin would."""
-    return run([str(CLI), *args], timeout=timeout)
+    """The installed CLI, run like an admin would."""
+    return run([str(installed_cli()), *args], timeout=timeout)
+
+
+def dpkg(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """dpkg as an admin runs it, with man-db's trigger off.
+
+    The trigger runs `mandb`, which stat()s every man page of the guest's root: over
+    9p under TCG that did not end in 300 s.  Removing auto-update is what answering
+    debconf's man-db/auto-update with "no" does; the guest's /var is throwaway.
+    """
+    H.require_guest()
+    Path("/var/lib/man-db/auto-update").unlink(missing_ok=True)
+    return run(["dpkg", *args], timeout=timeout)
 
 
 def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 0.2) -> bool:

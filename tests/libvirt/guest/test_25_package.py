@@ -1,12 +1,25 @@
-"""install.sh --uninstall, last: /etc/libvirt/hooks exactly as before the install."""
+"""The admin moves from install.sh to the Debian package, with libvirtd running.
+
+install.sh --uninstall leaves /etc/libvirt/hooks exactly as before the install; then
+`dpkg -i` of the package the host built for this boot links the hooks and makes the
+running daemon see them (postinst's reload, no restart).  Every later domain test
+(test_30..test_65) runs through the package's hooks and CLI; test_80 applies the
+Ansible role over it and test_90 removes it.
+"""
 
 from __future__ import annotations
+
+import json
+import os
 
 import pytest
 
 from tests.libvirt.guest import guest_libvirt as G
 
 pytestmark = pytest.mark.real_sysfs
+
+PACKAGED_HOOKS = {G.HOOK: G.PACKAGE_LIBEXEC / "qemu-hook",
+                  G.NETWORK_HOOK: G.PACKAGE_LIBEXEC / "network-hook"}
 
 
 def test_uninstall_restores_the_hooks_dir(lv):
@@ -20,3 +33,26 @@ def test_uninstall_restores_the_hooks_dir(lv):
         assert not path.exists(), f"{path} left behind\n{G.describe(proc)}"
     # the daemon took the reload (SIGHUP) in its stride
     assert G.virsh("version", "--daemon").returncode == 0
+
+
+def test_dpkg_install_links_the_hooks_into_the_running_daemon(lv):
+    assert G.DEB.is_file(), f"the host built no package for this boot ({G.DEB})"
+    assert not G.INSTALLED_LIB.exists(), "install.sh's copy is still there"
+    proc = G.dpkg("-i", str(G.DEB))
+    assert proc.returncode == 0, G.describe(proc)
+    for hook, target in PACKAGED_HOOKS.items():
+        assert hook.is_symlink() and hook.resolve() == target, f"{hook} -> {hook.resolve()}"
+        assert os.access(hook, os.X_OK)
+    assert G.installed_cli() == G.PACKAGE_CLI
+    assert (G.CONFIG_DIR / "config.toml").is_file(), "the conffile"
+    # a running libvirtd was told with SIGHUP (no systemd in the guest), not restarted
+    assert "reloaded libvirtd" in proc.stdout, G.describe(proc)
+    assert G.LIBVIRTD_PIDFILE.read_text().split()[0] == str(lv.libvirtd_pid)
+    assert G.virsh("version", "--daemon").returncode == 0
+    # doctor knows of the reload (postinst leaves a mark): no "started before" warning
+    doctor = G.vfio_libvirt("doctor", "--json", "--connect", G.URI)
+    assert doctor.returncode == 0, G.describe(doctor)
+    findings = {f["what"]: f["level"] for f in json.loads(doctor.stdout)}
+    assert findings.get(f"hook installed: {G.HOOK}") == "ok", findings
+    assert findings.get("libvirtd reloaded since the hook was installed: it runs it") == "ok", findings
+
