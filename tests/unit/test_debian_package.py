@@ -262,7 +262,8 @@ def test_reload_reaches_every_running_daemon_and_never_fails(tmp_path, script, c
         # virtqemud takes the signal, libvirtd is gone meanwhile
         f'kill() {{ echo "kill $*" >> {log}; [ "$2" = 101 ]; }}',
         'ROOT=""',
-        *([_shell_function(script, "mark_reloaded")] if script == "postinst" else []),
+        *([f"POLICY_RC_D={tmp_path}/no-policy-rc.d", _shell_function(script, "policy_allows"),
+           _shell_function(script, "mark_reloaded")] if script == "postinst" else []),
         _shell_function(script, "reload_libvirt"),
         "reload_libvirt",
         "echo rc=$?",
@@ -286,6 +287,24 @@ def test_reload_reaches_every_running_daemon_and_never_fails(tmp_path, script, c
     marks = sorted(p.name for p in (state / "reloaded").iterdir()) if state.exists() else []
     took = script == "postinst" and not chroot
     assert marks == (["virtqemud"] if took else []), (marks, calls)
+
+
+@pytest.mark.parametrize(("answer", "allowed"), [(None, True), (0, True), (104, True), (101, False),
+                                                (1, True)])
+def test_a_reload_policy_rc_d_forbids_leaves_no_mark(tmp_path, answer, allowed):
+    """deb-systemd-invoke exits 0 without reloading when policy-rc.d answers 101 (and goes
+    on for any other answer): postinst must not then tell doctor the daemon reloaded."""
+    policy = tmp_path / "policy-rc.d"
+    if answer is not None:
+        policy.write_text(f"#!/bin/sh\necho \"$*\" > {tmp_path}/asked\nexit {answer}\n")
+        policy.chmod(0o755)
+    program = "\n".join([f"POLICY_RC_D={policy}", _shell_function("postinst", "policy_allows"),
+                          "if policy_allows virtqemud; then echo allowed; else echo forbidden; fi"])
+    proc = subprocess.run(["sh", "-e", "-c", program], capture_output=True, text=True, check=False,
+                          env={"PATH": CLEAN_PATH})
+    assert (proc.returncode, proc.stdout) == (0, "allowed\n" if allowed else "forbidden\n"), proc.stderr
+    if answer is not None:
+        assert (tmp_path / "asked").read_text() == "virtqemud.service try-reload-or-restart\n"
 
 
 # --- the built package ---------------------------------------------------------------------
