@@ -513,11 +513,21 @@ def reload(tmp_path: Path, systemctl: bool = True, **env: str) -> tuple[subproce
         if text:
             (fake / name).write_text(text)
             (fake / name).chmod(0o755)
+    for tool in ("mkdir", "touch"):     # for the reload marks, in the test's own state dir
+        if not (fake / tool).exists():
+            (fake / tool).symlink_to(shutil.which(tool))
     log = tmp_path / "calls.log"
     log.write_text("")
     proc = subprocess.run(["/bin/sh", str(RELOAD_SCRIPT)], capture_output=True, text=True, timeout=30,
-                          env={"PATH": str(fake), "LOG": str(log), **env}, check=False)
+                          env={"PATH": str(fake), "LOG": str(log),
+                               "VFIO_LIBVIRT_STATE_DIR": str(tmp_path / "state"), **env}, check=False)
     return proc, log.read_text()
+
+
+def reload_marks(tmp_path: Path) -> list[str]:
+    """The daemons the script left a reload mark for (doctor reads them)."""
+    marks = tmp_path / "state" / "reloaded"
+    return sorted(p.name for p in marks.iterdir()) if marks.exists() else []
 
 
 def test_reload_through_systemd(tmp_path):
@@ -527,6 +537,7 @@ def test_reload_through_systemd(tmp_path):
                                         "reloaded virtnetworkd (systemctl reload)"]
     assert "systemctl reload virtqemud\n" in calls and "systemctl reload virtnetworkd\n" in calls
     assert "pidof libvirtd" in calls and "pidof virtqemud" not in calls
+    assert reload_marks(tmp_path) == ["virtnetworkd", "virtqemud"]
 
 
 @pytest.mark.parametrize("systemctl", [True, False], ids=["systemd-not-pid-1", "no-systemctl"])
@@ -539,6 +550,7 @@ def test_reload_without_systemd_sends_sighup(tmp_path, systemctl):
         assert proc.stdout.splitlines() == [f"sent SIGHUP to libvirtd ({daemon.pid})"]
         assert daemon.wait(timeout=10) == -signal.SIGHUP
         assert "reload" not in calls
+        assert reload_marks(tmp_path) == ["libvirtd"]
     finally:
         if daemon.poll() is None:
             daemon.kill()
@@ -550,6 +562,7 @@ def test_reload_with_no_daemon_running_changes_nothing(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "nothing to reload" in proc.stdout  # the handler's changed_when reads this
     assert "systemctl reload" not in calls
+    assert reload_marks(tmp_path) == []
 
 
 def test_a_failed_reload_fails_the_handler(tmp_path):
@@ -557,3 +570,4 @@ def test_a_failed_reload_fails_the_handler(tmp_path):
     assert proc.returncode == 1
     assert "systemctl reload virtqemud failed" in proc.stderr
     assert "nothing to reload" not in proc.stdout
+    assert reload_marks(tmp_path) == []
