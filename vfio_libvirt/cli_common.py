@@ -12,9 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
@@ -158,16 +159,38 @@ def reload_marks(state_dir: Path) -> dict[str, float]:
 
 
 def hook_seen_by(start: float, reloaded: float, hook: Path) -> str:
-    """How a running daemon came to see `hook`: "started" after it was installed,
-    "reloaded" since, or "" when it has not looked since (it does not run it)."""
-    mtime = installed_at(hook)
-    if start >= mtime:
+    """How a running daemon came to run `hook`: "started" after the driver had a hook,
+    "reloaded" since, or "" when it has not looked since (it runs none of them)."""
+    since = driver_hooks_since(hook)
+    if start >= since:
         return "started"
-    return "reloaded" if reloaded >= mtime else ""
+    return "reloaded" if reloaded >= since else ""
 
 
-def installed_at(hook: Path) -> float:
-    """When a hook appeared: the later of the link's and its target's mtime.  The Debian
-    package links /etc/libvirt/hooks/*.d/vfio-libvirt to a file whose mtime is the build's,
-    so the target alone would make a daemon started before the install look up to date."""
-    return max(hook.lstat().st_mtime, hook.stat().st_mtime)
+def driver_hooks_since(hook: Path) -> float:
+    """Since when the driver of `hook` (e.g. qemu.d/) has had an executable hook.
+
+    libvirt decides per driver, at start and reload, whether any hook exists (the main
+    script /etc/libvirt/hooks/qemu, or any executable in qemu.d/), and then runs whatever
+    qemu.d/ holds at each call: an upgrade that replaces our hook needs no reload, and
+    another hook already there made the daemon run ours too.  ctime of the directory
+    entry (lstat: the package's link, not its target) says when it appeared; unlike
+    mtime, cp -a, tar or a backup restore cannot set it back.
+    """
+    main = hook.parent.with_suffix("")          # qemu.d/vfio-libvirt -> hooks/qemu
+    candidates = [main, hook]
+    with suppress(OSError):
+        candidates += list(hook.parent.iterdir())
+    times = [t for t in map(_runnable_since, candidates) if t is not None]
+    return min(times, default=hook.lstat().st_ctime)
+
+
+def _runnable_since(path: Path) -> float | None:
+    """The entry's ctime if libvirt would run it (virFileIsExecutable: a regular file,
+    links followed, with an x bit), else None."""
+    try:
+        if path.is_file() and os.access(path, os.X_OK):
+            return path.lstat().st_ctime
+    except OSError:
+        pass
+    return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -318,41 +319,89 @@ def test_doctor_without_a_network_listing_still_checks_the_rest(sim, libvirt, mo
     assert found["IOMMU enabled"]["level"] == "ok"
 
 
+def _executable(path: Path, target: Path | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if target is None:
+        path.write_text("#!/bin/sh\n")
+        path.chmod(0o755)
+    else:
+        path.symlink_to(target)
+    return path
+
+
+def _hook_levels(mocker, hook: Path, started: float, marks: dict[str, float] | None = None) -> dict:
+    mocker.patch.object(cli_libvirt, "_daemon_start_times", return_value={"libvirtd": started})
+    return {f.what: f.level for f in cli_libvirt._hook_findings(hook, marks or {})
+            if f.what.startswith("libvirtd ")}
+
+
+STARTED_BEFORE = {"libvirtd started before the hook was installed": "warn"}
+STARTED_AFTER = {"libvirtd started after the hook: it runs it": "ok"}
+
+
 def test_a_packaged_hook_link_newer_than_the_daemon_is_not_taken_as_seen(tmp_path, mocker):
-    """The Debian package links the hook to a file with the build's mtime: the link's own
-    mtime says when it was installed, so a daemon started between the two must reload."""
-    target = tmp_path / "qemu-hook"
-    target.write_text("#!/bin/sh\n")
-    target.chmod(0o755)
+    """The Debian package links the hook to a file with the build's (old) mtime: the
+    link's own appearance counts, so a daemon started before the install must reload."""
+    target = _executable(tmp_path / "libexec" / "qemu-hook")
     os.utime(target, (1_000, 1_000))
-    hook = tmp_path / "vfio-libvirt"
-    hook.symlink_to(target)
-    os.utime(hook, (3_000, 3_000), follow_symlinks=False)
-    mocker.patch.object(cli_libvirt, "_daemon_start_times", return_value={"libvirtd": 2_000.0})
-    findings = {f.what: f.level for f in cli_libvirt._hook_findings(hook, {})}
-    assert findings["libvirtd started before the hook was installed"] == "warn"
+    hook = _executable(tmp_path / "hooks" / "qemu.d" / "vfio-libvirt", target)
+    linked = hook.lstat().st_ctime
+    assert _hook_levels(mocker, hook, linked - 60) == STARTED_BEFORE
     # a reload by an installer before the link appeared does not count either
-    findings = {f.what: f.level for f in cli_libvirt._hook_findings(hook, {"libvirtd": 2_500.0})}
-    assert findings["libvirtd started before the hook was installed"] == "warn"
+    assert _hook_levels(mocker, hook, linked - 60, {"libvirtd": linked - 30}) == STARTED_BEFORE
+    assert _hook_levels(mocker, hook, linked + 1) == STARTED_AFTER
+
+
+def test_a_hook_restored_with_an_old_mtime_is_not_taken_as_seen(tmp_path, mocker):
+    """cp -a, tar or a backup restore set mtime back; the daemon has still never looked."""
+    hook = _executable(tmp_path / "hooks" / "qemu.d" / "vfio-libvirt")
+    os.utime(hook, (1_000, 1_000))
+    assert _hook_levels(mocker, hook, hook.lstat().st_ctime - 60) == STARTED_BEFORE
+
+
+def test_an_upgrade_that_replaces_the_links_target_needs_no_reload(tmp_path, mocker):
+    """libvirt runs whatever qemu.d/ holds at each call once it found a hook at start:
+    the package's upgrade replaces the target (a new mtime) and keeps the link."""
+    target = _executable(tmp_path / "libexec" / "qemu-hook")
+    hook = _executable(tmp_path / "hooks" / "qemu.d" / "vfio-libvirt", target)
+    started = hook.lstat().st_ctime + 1
+    time.sleep(0.05)
+    target.unlink()
+    _executable(target)
+    os.utime(target, (started + 500, started + 500))
+    assert _hook_levels(mocker, hook, started) == STARTED_AFTER
+
+
+@pytest.mark.parametrize("other", ["qemu.d/00-other", "qemu"])
+def test_another_hook_there_at_daemon_start_makes_it_run_ours(tmp_path, mocker, other):
+    """libvirt's per-driver bit: any executable in qemu.d/ (or the main hooks/qemu script)
+    when the daemon started makes it run everything qemu.d/ holds later, ours included."""
+    _executable(tmp_path / "hooks" / other)
+    started = (tmp_path / "hooks" / other).lstat().st_ctime + 0.01
+    time.sleep(0.05)
+    hook = _executable(tmp_path / "hooks" / "qemu.d" / "vfio-libvirt")
+    assert hook.lstat().st_ctime > started
+    assert _hook_levels(mocker, hook, started) == STARTED_AFTER
+    # one that libvirt would not run (no x bit) does not count
+    (tmp_path / "hooks" / other).chmod(0o644)
+    assert _hook_levels(mocker, hook, started) == STARTED_BEFORE
 
 
 def test_doctor_takes_an_installers_reload_mark_as_the_daemon_seeing_the_hook(tmp_path, mocker):
     """postinst and install.sh reload a running daemon (libvirt looks for hooks again) and
     touch <state dir>/reloaded/<daemon>: doctor reads that, not only the start time."""
-    hook = tmp_path / "vfio-libvirt"
-    hook.write_text("#!/bin/sh\n")
-    hook.chmod(0o755)
-    os.utime(hook, (3_000, 3_000))
+    hook = _executable(tmp_path / "hooks" / "qemu.d" / "vfio-libvirt")
+    since = hook.lstat().st_ctime
     state = tmp_path / "state"
     (state / "reloaded").mkdir(parents=True)
-    for daemon, when in (("libvirtd", 3_100), ("virtqemud", 2_900)):
+    for daemon, when in (("libvirtd", since + 100), ("virtqemud", since - 100)):
         (state / "reloaded" / daemon).touch()
         os.utime(state / "reloaded" / daemon, (when, when))
     marks = cli_common.reload_marks(state)
-    assert marks == {"libvirtd": 3_100.0, "virtqemud": 2_900.0}
+    assert marks == {"libvirtd": since + 100, "virtqemud": since - 100}
     assert cli_common.reload_marks(tmp_path / "none") == {}
     mocker.patch.object(cli_libvirt, "_daemon_start_times",
-                        return_value={"libvirtd": 2_000.0, "virtqemud": 2_000.0})
+                        return_value={"libvirtd": since - 1_000, "virtqemud": since - 1_000})
     findings = {f.what: f.level for f in cli_libvirt._hook_findings(hook, marks)}
     assert findings["libvirtd reloaded since the hook was installed: it runs it"] == "ok"
     assert findings["virtqemud started before the hook was installed"] == "warn"
