@@ -79,6 +79,11 @@ mark_reloaded() {
 
 reload_libvirt() {
     [ -z "$ROOT" ] || { say "installed into $ROOT: no daemon to reload"; return; }
+    # in a chroot systemctl ignores commands (status 0) and pidof finds the host's daemons
+    if command -v ischroot >/dev/null && ischroot; then
+        say "in a chroot: no daemon reloaded (the next one started runs the hook)"
+        return
+    fi
     local daemon reloaded=0
     # the network hook runs in virtnetworkd on a modular host, in libvirtd otherwise
     for daemon in virtqemud virtnetworkd libvirtd; do
@@ -86,7 +91,8 @@ reload_libvirt() {
             run systemctl reload "$daemon" && say "reloaded $daemon: it now runs the hook" && reloaded=1 \
                 && mark_reloaded "$daemon"
         elif pidof "$daemon" >/dev/null 2>&1; then
-            run kill -HUP "$(pidof "$daemon")" && say "sent SIGHUP to $daemon: it now runs the hook" \
+            # shellcheck disable=SC2046  # one argument per pid
+            run kill -HUP $(pidof "$daemon") && say "sent SIGHUP to $daemon: it now runs the hook" \
                 && reloaded=1 && mark_reloaded "$daemon"
         fi
     done

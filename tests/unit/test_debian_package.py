@@ -240,20 +240,28 @@ def _shell_function(script: str, name: str) -> str:
 
 
 @pytest.mark.parametrize("script", ["postinst", "postrm"])
-@pytest.mark.parametrize("chroot", [False, True], ids=["host", "chroot"])
-def test_reload_reaches_every_running_daemon_and_never_fails(tmp_path, script, chroot):
+@pytest.mark.parametrize("init", ["systemd", "no-systemd", "chroot"])
+@pytest.mark.parametrize("policy", [None, 0, 101], ids=["no-policy-rc.d", "policy-allows", "policy-forbids"])
+def test_reload_reaches_every_running_daemon_and_never_fails(tmp_path, script, init, policy):
     """libvirt looks for hooks only at start and reload: virtqemud and virtnetworkd (modular
-    daemons) and libvirtd must all hear of it.  Under systemd through deb-systemd-invoke;
-    otherwise SIGHUP, except in a chroot, where pidof would name the host's daemons."""
+    daemons) and libvirtd must all hear of it.  Under systemd through deb-systemd-invoke,
+    otherwise SIGHUP; nothing in a chroot (systemctl ignores commands there with status 0,
+    pidof would name the host's daemons) or when policy-rc.d forbids it (101).  postinst
+    leaves doctor a mark of each daemon that took the reload, and only of those."""
     stub, log, state = tmp_path / "stub", tmp_path / "log", tmp_path / "state"
+    systemd_dir = tmp_path / "run-systemd-system"     # exists only while systemd runs
+    if init == "systemd":
+        systemd_dir.mkdir()
     stub.mkdir()
     stubs = {
         "pidof": 'case "$1" in virtqemud) echo 101 102;; libvirtd) echo 201;; *) exit 1;; esac',
-        "ischroot": f"exit {0 if chroot else 1}",
+        "ischroot": f"exit {0 if init == 'chroot' else 1}",
         # virtqemud takes the reload; libvirtd's unit is not there
         "deb-systemd-invoke": f'echo "deb-systemd-invoke $*" >> {log}; [ "$2" = virtqemud.service ]',
         "systemctl": f'echo "systemctl $*" >> {log}; [ "$1 $3" = "is-active virtqemud.service" ]',
     }
+    if policy is not None:
+        stubs["policy-rc.d"] = f"exit {policy}"
     for name, body in stubs.items():
         (stub / name).write_text(f"#!/bin/sh\n{body}\n")
         (stub / name).chmod(0o755)
@@ -262,9 +270,11 @@ def test_reload_reaches_every_running_daemon_and_never_fails(tmp_path, script, c
         # virtqemud takes the signal, libvirtd is gone meanwhile
         f'kill() {{ echo "kill $*" >> {log}; [ "$2" = 101 ]; }}',
         'ROOT=""',
-        *([f"POLICY_RC_D={tmp_path}/no-policy-rc.d", _shell_function(script, "policy_allows"),
-           _shell_function(script, "mark_reloaded")] if script == "postinst" else []),
+        f"POLICY_RC_D={stub}/policy-rc.d",
+        _shell_function(script, "policy_allows"),
+        *([_shell_function(script, "mark_reloaded")] if script == "postinst" else []),
         _shell_function(script, "reload_libvirt"),
+        f"SYSTEMD_RUNNING={systemd_dir}",
         "reload_libvirt",
         "echo rc=$?",
     ])
@@ -272,33 +282,36 @@ def test_reload_reaches_every_running_daemon_and_never_fails(tmp_path, script, c
                       {"PATH": f"{stub}:{CLEAN_PATH}", "VFIO_LIBVIRT_STATE_DIR": str(state)})
     assert proc.returncode == 0 and proc.stdout.endswith("rc=0\n"), proc.stdout + proc.stderr
     calls = log.read_text().splitlines() if log.exists() else []
-    systemd = Path("/run/systemd/system").is_dir()
-    if systemd:
-        assert [c for c in calls if c.startswith("deb-systemd-invoke")] == [
-            f"deb-systemd-invoke try-reload-or-restart {d}.service"
-            for d in ("virtqemud", "virtnetworkd", "libvirtd")]
-    elif chroot:
-        assert calls == []
+    acted = [c for c in calls if not c.startswith("systemctl is-active ")]
+    if init == "chroot" or policy == 101:
+        assert acted == [], calls
+    elif init == "systemd":
+        assert acted == [f"deb-systemd-invoke try-reload-or-restart {d}.service"
+                         for d in ("virtqemud", "virtnetworkd", "libvirtd")]
     else:
-        assert calls == ["kill -HUP 101 102", "kill -HUP 201"]
+        assert acted == ["kill -HUP 101 102", "kill -HUP 201"]
     # services are acted on through deb-systemd-invoke (policy-rc.d); systemctl only asked
     assert all(c.startswith("systemctl is-active ") for c in calls if c.startswith("systemctl"))
-    # postinst leaves doctor a mark of each daemon that took the reload, and only of those
+    if policy == 101 and init == "no-systemd":
+        assert "policy-rc.d forbids reloading virtqemud" in proc.stdout
     marks = sorted(p.name for p in (state / "reloaded").iterdir()) if state.exists() else []
-    took = script == "postinst" and not chroot
+    took = script == "postinst" and init != "chroot" and policy != 101
     assert marks == (["virtqemud"] if took else []), (marks, calls)
+    if took:
+        assert "reloaded virtqemud: libvirt now runs the hooks" in proc.stdout
 
 
+@pytest.mark.parametrize("script", ["postinst", "postrm"])
 @pytest.mark.parametrize(("answer", "allowed"), [(None, True), (0, True), (104, True), (101, False),
                                                 (1, True)])
-def test_a_reload_policy_rc_d_forbids_leaves_no_mark(tmp_path, answer, allowed):
+def test_policy_rc_d_is_asked_as_deb_systemd_invoke_asks_it(tmp_path, script, answer, allowed):
     """deb-systemd-invoke exits 0 without reloading when policy-rc.d answers 101 (and goes
-    on for any other answer): postinst must not then tell doctor the daemon reloaded."""
+    on for any other answer): the scripts ask the same question themselves."""
     policy = tmp_path / "policy-rc.d"
     if answer is not None:
         policy.write_text(f"#!/bin/sh\necho \"$*\" > {tmp_path}/asked\nexit {answer}\n")
         policy.chmod(0o755)
-    program = "\n".join([f"POLICY_RC_D={policy}", _shell_function("postinst", "policy_allows"),
+    program = "\n".join([f"POLICY_RC_D={policy}", _shell_function(script, "policy_allows"),
                           "if policy_allows virtqemud; then echo allowed; else echo forbidden; fi"])
     proc = subprocess.run(["sh", "-e", "-c", program], capture_output=True, text=True, check=False,
                           env={"PATH": CLEAN_PATH})

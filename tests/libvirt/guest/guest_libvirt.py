@@ -36,7 +36,8 @@ PACKAGE_LIBEXEC = Path("/usr/libexec/vfio-libvirt")
 # the package the host built for this boot (tests/libvirt/test_libvirt_tier.py)
 DEB = Path(os.environ.get("VFIO_LIBVIRT_TEST_DEB") or "/nonexistent/vfio-libvirt.deb")
 CONFIG_DIR = Path("/etc/vfio-libvirt")
-JOURNAL = Path("/run/vfio-libvirt/journal.json")
+STATE_DIR = Path("/run/vfio-libvirt")
+JOURNAL = STATE_DIR / "journal.json"
 QEMU_LOG_DIR = Path("/var/log/libvirt/qemu")
 QEMU_RUN_DIR = Path("/run/libvirt/qemu")
 LIBVIRTD_LOG = Path("/var/log/libvirt/libvirtd.log")
@@ -186,6 +187,9 @@ def prepare_host() -> None:
     # the default network would need dnsmasq and a firewall; no test uses it
     for link in Path("/etc/libvirt/qemu/networks/autostart").glob("*"):
         link.unlink()
+    # the guest sees this machine's root, whose policy-rc.d may be a container's "exit
+    # 101": on a libvirt host the package's maintainer scripts may reload the daemon
+    Path("/usr/sbin/policy-rc.d").unlink(missing_ok=True)
     make_static_vfio_node()
 
 

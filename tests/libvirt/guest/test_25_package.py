@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import stat
+import time
 
 import pytest
 
@@ -24,8 +26,13 @@ PACKAGED_HOOKS = {G.HOOK: G.PACKAGE_LIBEXEC / "qemu-hook",
 
 def test_uninstall_restores_the_hooks_dir(lv):
     assert G.running_domains() == []
+    before = time.time()
     proc = G.install_sh("--uninstall")
     assert proc.returncode == 0, G.describe(proc)
+    # install.sh sent libvirtd SIGHUP and left doctor its mark, in the 0700 state dir
+    assert "install.sh: sent SIGHUP to libvirtd: it now runs the hook" in proc.stdout, G.describe(proc)
+    assert (G.STATE_DIR / "reloaded" / "libvirtd").stat().st_mtime >= before - 1
+    assert stat.S_IMODE(G.STATE_DIR.stat().st_mode) == 0o700
     for hook in (G.HOOK, G.NETWORK_HOOK):
         assert not hook.exists() and not hook.is_symlink(), f"{hook} left behind\n{G.describe(proc)}"
     assert G.tree_listing(G.HOOKS_DIR) == lv.hooks_before
