@@ -9,6 +9,8 @@ that guest.
 It also prints, in pytest's terminal summary, one line per QEMU tier saying what ran
 inside its guest (the inner session's counts are otherwise invisible in a CI log
 unless pytest runs with -s).  The tier fixtures feed it through `record_tier_line`.
+And it joins the unit tier tests/run started in the background with libvirt-python
+hidden (tests/support/beside.py): before the first guest boots, and at the end.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from tests.support import beside
 from tests.vm import guest as H
 
 if TYPE_CHECKING:  # pytest 7.2 does not export it as pytest.TerminalReporter
@@ -28,6 +31,7 @@ QEMU_TIERS = ("kernel", "libvirt")
 """The QEMU tiers, by the marker their host-side module carries, in summary order."""
 _TIER_LINES = pytest.StashKey[dict[str, str]]()
 _TIERS_SELECTED = pytest.StashKey[list[str]]()
+_BESIDE = pytest.StashKey[beside.Outcome]()
 
 
 def _inside_test_guest() -> bool:
@@ -73,8 +77,42 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         tier for tier in QEMU_TIERS if any(item.get_closest_marker(tier) for item in session.items)]
 
 
+def _join_beside(config: pytest.Config) -> beside.Outcome | None:
+    """The background unit run's outcome, waited for once (not inside a test guest)."""
+    where = beside.directory()
+    if where is None or _inside_test_guest():
+        return None
+    if _BESIDE not in config.stash:
+        config.stash[_BESIDE] = beside.join(where)
+    return config.stash[_BESIDE]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    # a guest under TCG wants both cores: the background run ends first
+    if any(item.get_closest_marker(tier) for tier in QEMU_TIERS):
+        _join_beside(item.config)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    where = beside.directory()
+    if where is not None and exitstatus == pytest.ExitCode.INTERRUPTED:
+        beside.stop(where)
+        return
+    outcome = _join_beside(session.config)
+    if outcome is not None and not outcome.passed and exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 def pytest_terminal_summary(terminalreporter: TerminalReporter, exitstatus: int,
                             config: pytest.Config) -> None:
+    outcome = config.stash.get(_BESIDE, None)
+    if outcome is not None:
+        terminalreporter.ensure_newline()
+        if not outcome.passed:
+            terminalreporter.section(beside.TITLE, sep="-")
+            terminalreporter.write_line(outcome.log_tail)
+        terminalreporter.write_line(outcome.line)
     lines = config.stash.get(_TIER_LINES, {})
     selected = config.stash.get(_TIERS_SELECTED, [])
     tiers = [tier for tier in QEMU_TIERS if tier in lines or tier in selected]
