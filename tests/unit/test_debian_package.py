@@ -261,7 +261,7 @@ def test_reload_reaches_every_running_daemon_and_never_fails(tmp_path, script, i
         "systemctl": f'echo "systemctl $*" >> {log}; [ "$1 $3" = "is-active virtqemud.service" ]',
     }
     if policy is not None:
-        stubs["policy-rc.d"] = f"exit {policy}"
+        stubs["policy-rc.d"] = f'echo "policy-rc.d $*" >> {log}; exit {policy}'
     for name, body in stubs.items():
         (stub / name).write_text(f"#!/bin/sh\n{body}\n")
         (stub / name).chmod(0o755)
@@ -282,7 +282,13 @@ def test_reload_reaches_every_running_daemon_and_never_fails(tmp_path, script, i
                       {"PATH": f"{stub}:{CLEAN_PATH}", "VFIO_LIBVIRT_STATE_DIR": str(state)})
     assert proc.returncode == 0 and proc.stdout.endswith("rc=0\n"), proc.stdout + proc.stderr
     calls = log.read_text().splitlines() if log.exists() else []
-    acted = [c for c in calls if not c.startswith("systemctl is-active ")]
+    asked = [c for c in calls if c.startswith("policy-rc.d ")]
+    acted = [c for c in calls if not c.startswith(("systemctl is-active ", "policy-rc.d "))]
+    if policy is not None and init == "systemd":      # as deb-systemd-invoke asks it
+        assert asked == [f"policy-rc.d {d}.service try-reload-or-restart"
+                         for d in ("virtqemud", "virtnetworkd", "libvirtd")]
+    elif policy is not None and init == "no-systemd":   # as invoke-rc.d would, for running ones
+        assert asked == ["policy-rc.d virtqemud reload", "policy-rc.d libvirtd reload"]
     if init == "chroot" or policy == 101:
         assert acted == [], calls
     elif init == "systemd":
@@ -312,7 +318,8 @@ def test_policy_rc_d_is_asked_as_deb_systemd_invoke_asks_it(tmp_path, script, an
         policy.write_text(f"#!/bin/sh\necho \"$*\" > {tmp_path}/asked\nexit {answer}\n")
         policy.chmod(0o755)
     program = "\n".join([f"POLICY_RC_D={policy}", _shell_function(script, "policy_allows"),
-                          "if policy_allows virtqemud; then echo allowed; else echo forbidden; fi"])
+                          "if policy_allows virtqemud.service try-reload-or-restart; then echo allowed; "
+                          "else echo forbidden; fi"])
     proc = subprocess.run(["sh", "-e", "-c", program], capture_output=True, text=True, check=False,
                           env={"PATH": CLEAN_PATH})
     assert (proc.returncode, proc.stdout) == (0, "allowed\n" if allowed else "forbidden\n"), proc.stderr
