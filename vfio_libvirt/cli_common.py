@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
+import stat
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -177,19 +177,28 @@ def driver_hooks_since(hook: Path) -> float:
     entry (lstat: the package's link, not its target) says when it appeared; unlike
     mtime, cp -a, tar or a backup restore cannot set it back.
     """
-    main = hook.parent.with_suffix("")          # qemu.d/vfio-libvirt -> hooks/qemu
+    if hook.parent.suffix == ".d":              # qemu.d/vfio-libvirt: hooks/qemu and qemu.d/
+        main, hook_dir = hook.parent.with_suffix(""), hook.parent
+    else:                                       # the main script itself: hooks/qemu
+        main, hook_dir = hook, hook.with_name(hook.name + ".d")
     candidates = [main, hook]
     with suppress(OSError):
-        candidates += list(hook.parent.iterdir())
+        candidates += list(hook_dir.iterdir())
     times = [t for t in map(_runnable_since, candidates) if t is not None]
-    return min(times, default=hook.lstat().st_ctime)
+    if times:
+        return min(times)
+    try:
+        return hook.lstat().st_ctime
+    except OSError:             # gone meanwhile (a removal in progress): never seen
+        return float("inf")
 
 
 def _runnable_since(path: Path) -> float | None:
-    """The entry's ctime if libvirt would run it (virFileIsExecutable: a regular file,
-    links followed, with an x bit), else None."""
+    """The entry's ctime if libvirt would run it, else None.  libvirt runs as root and
+    asks virFileIsExecutable: a regular file (links followed) with any x bit."""
     try:
-        if path.is_file() and os.access(path, os.X_OK):
+        st = path.stat()
+        if stat.S_ISREG(st.st_mode) and st.st_mode & 0o111:
             return path.lstat().st_ctime
     except OSError:
         pass

@@ -387,6 +387,17 @@ def test_another_hook_there_at_daemon_start_makes_it_run_ours(tmp_path, mocker, 
     assert _hook_levels(mocker, hook, started) == STARTED_BEFORE
 
 
+def test_a_main_hook_script_counts_only_its_own_driver(tmp_path, mocker):
+    """--hook /etc/libvirt/hooks/qemu (the main script): qemu.d/ is its directory; the
+    network driver's hook beside it says nothing about qemu."""
+    _executable(tmp_path / "hooks" / "network")
+    started = (tmp_path / "hooks" / "network").lstat().st_ctime + 0.01
+    time.sleep(0.05)
+    hook = _executable(tmp_path / "hooks" / "qemu")
+    assert _hook_levels(mocker, hook, started) == STARTED_BEFORE
+    assert cli_common.driver_hooks_since(tmp_path / "hooks" / "gone") == float("inf")
+
+
 def test_doctor_takes_an_installers_reload_mark_as_the_daemon_seeing_the_hook(tmp_path, mocker):
     """postinst and install.sh reload a running daemon (libvirt looks for hooks again) and
     touch <state dir>/reloaded/<daemon>: doctor reads that, not only the start time."""
