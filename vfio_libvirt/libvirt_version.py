@@ -79,8 +79,10 @@ def _load_cache(cache_dir: Path | None) -> dict:
 def _store_cache(cache_dir: Path | None, value: dict) -> None:
     if cache_dir is None:
         return
+    from vfio_libvirt.locks import make_private_dirs
+
     try:
-        cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_private_dirs(cache_dir)
         tmp = cache_dir / "libvirt-version.json.tmp"
         tmp.write_text(json.dumps(value))
         tmp.replace(cache_dir / "libvirt-version.json")

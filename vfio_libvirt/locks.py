@@ -18,7 +18,7 @@ import hashlib
 import os
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from vfio_libvirt.errors import OperationError
@@ -26,11 +26,27 @@ from vfio_libvirt.errors import OperationError
 POLL = 0.02
 
 
+def make_private_dirs(path: Path) -> None:
+    """mkdir -p where every directory created is 0700.
+
+    Path.mkdir(parents=True) gives the parents it creates the default mode: the first
+    domain lock (state dir/domains/) made /run/vfio-libvirt 0755, readable by others,
+    and doctor warned about it on every host.
+    """
+    missing: list[Path] = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for directory in reversed(missing):
+        with suppress(FileExistsError):
+            directory.mkdir(mode=0o700)
+
+
 @contextmanager
 def flock_file(path: Path, *, exclusive: bool, timeout: float, what: str) -> Iterator[None]:
-    """Hold an flock on `path` (created 0600, its directory 0700), waiting at most `timeout`."""
+    """Hold an flock on `path` (created 0600, its directories 0700), waiting at most `timeout`."""
     try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_private_dirs(path.parent)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as err:
         raise OperationError(f"state dir {path.parent}: {err.strerror}") from None

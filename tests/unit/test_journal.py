@@ -381,3 +381,17 @@ def test_concurrent_transactions_lose_no_entry(tmp_path):
     entries = Journal(tmp_path).read().entries
     assert len(entries) == 8 * 15
     assert {e.domain for e in entries.values()} == {f"vm{p}" for p in [1, 2, 3, 4, 16, 17, 18, 19]}
+
+
+def test_the_state_dirs_a_domain_lock_creates_are_private(tmp_path):
+    """The first thing a prepare creates is its domain lock (state dir/domains/…):
+    Path.mkdir(parents=True) gave /run/vfio-libvirt itself the default 0755."""
+    import stat
+
+    from vfio_libvirt.locks import DomainLocks
+
+    state = tmp_path / "run" / "vfio-libvirt"
+    with DomainLocks(state).hold("vm1", timeout=1.0):
+        pass
+    for directory in (tmp_path / "run", state, state / "domains"):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
