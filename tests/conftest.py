@@ -15,6 +15,7 @@ hidden (tests/support/beside.py): before the first guest boots, and at the end.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -83,7 +84,9 @@ def _join_beside(config: pytest.Config) -> beside.Outcome | None:
     if where is None or _inside_test_guest():
         return None
     if _BESIDE not in config.stash:
-        config.stash[_BESIDE] = beside.join(where)
+        def waiting() -> None:
+            sys.stderr.write(f"\ntests/run: waiting for the {beside.TITLE} to finish…\n")
+        config.stash[_BESIDE] = beside.join(where, waiting=waiting)
     return config.stash[_BESIDE]
 
 
@@ -96,8 +99,8 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     where = beside.directory()
-    if where is not None and exitstatus == pytest.ExitCode.INTERRUPTED:
-        beside.stop(where)
+    if where is not None and exitstatus in (pytest.ExitCode.INTERRUPTED, pytest.ExitCode.USAGE_ERROR):
+        beside.stop(where)      # nothing ran worth its wait; tests/run removes its dir
         return
     outcome = _join_beside(session.config)
     if outcome is not None and not outcome.passed and exitstatus == pytest.ExitCode.OK:

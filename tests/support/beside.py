@@ -4,7 +4,8 @@ It runs beside provisioning and the session's own unit tier, one core each, inst
 before them: that saves its whole duration on a 2-core CI machine.  The session waits for
 it before the first QEMU guest boots (a guest under TCG wants both cores), reports its
 counts in the terminal summary and fails when it failed.  tests/run names its directory
-in VFIO_LIBVIRT_UNIT_BESIDE: `pid` (its process group), `log`, and `rc` once it ended.
+in VFIO_LIBVIRT_UNIT_BESIDE: `pid` (its process group), `log`, and `rc` once it ended;
+tests/run stops it and removes the directory when it exits, whatever happened.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,12 +36,26 @@ def directory() -> Path | None:
     return Path(where) if where else None
 
 
-def join(where: Path, timeout: float = WAIT_SECONDS) -> Outcome:
-    """Wait for the background run to end; its outcome.  Its directory goes once it passed."""
-    rc_file = where / "rc"
-    deadline = time.monotonic() + timeout
-    while not rc_file.exists() and time.monotonic() < deadline:
-        time.sleep(0.5)
+def join(where: Path, timeout: float = WAIT_SECONDS,
+         waiting: Callable[[], None] = lambda: None) -> Outcome:
+    """Wait for the background run to end (`waiting()` first, if it has not); its outcome.
+
+    Marks the directory `joined` (tests/run reports a failure itself only where no session
+    got this far).  Anything that interrupts the wait, Ctrl-C included, stops the run:
+    it has its own session, so the terminal's signals never reach it.
+    """
+    rc_file = where / "rc"      # written by rename: it is complete once it exists
+    try:
+        if not rc_file.exists():
+            waiting()
+        deadline = time.monotonic() + timeout
+        while not rc_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+    except BaseException:
+        stop(where)
+        raise
+    with contextlib.suppress(OSError):
+        (where / "joined").touch()
     log = where / "log"
     text = log.read_text(errors="replace") if log.exists() else ""
     if not rc_file.exists():
@@ -50,9 +65,8 @@ def join(where: Path, timeout: float = WAIT_SECONDS) -> Outcome:
     last = text.rstrip().splitlines()[-1] if text.strip() else "no output"
     counts = re.sub(r"\s*in [0-9.]+s.*$", "", last.strip("= "))
     if rc == "0":
-        shutil.rmtree(where, ignore_errors=True)
         return Outcome(True, f"{TITLE}: {counts}", "")
-    return Outcome(False, f"{TITLE}: FAILED (exit {rc}): {counts}; log {log}", text[-6000:])
+    return Outcome(False, f"{TITLE}: FAILED (exit {rc}): {counts}", text[-6000:])
 
 
 def stop(where: Path) -> None:
