@@ -158,10 +158,10 @@ def reload_marks(state_dir: Path) -> dict[str, float]:
     return marks
 
 
-def hook_seen_by(start: float, reloaded: float, hook: Path) -> str:
-    """How a running daemon came to run `hook`: "started" after the driver had a hook,
-    "reloaded" since, or "" when it has not looked since (it runs none of them)."""
-    since = driver_hooks_since(hook)
+def hook_seen_by(start: float, reloaded: float, since: float) -> str:
+    """How a running daemon came to run the hooks of a driver that has had one `since`
+    (driver_hooks_since): "started" after that, "reloaded" since, or "" when it has not
+    looked since (it runs none of them)."""
     if start >= since:
         return "started"
     return "reloaded" if reloaded >= since else ""
@@ -194,12 +194,24 @@ def driver_hooks_since(hook: Path) -> float:
 
 
 def _runnable_since(path: Path) -> float | None:
-    """The entry's ctime if libvirt would run it, else None.  libvirt runs as root and
-    asks virFileIsExecutable: a regular file (links followed) with any x bit."""
+    """The entry's ctime if libvirt would run it, else None."""
+    if hook_problem(path):
+        return None
     try:
-        st = path.stat()
-        if stat.S_ISREG(st.st_mode) and st.st_mode & 0o111:
-            return path.lstat().st_ctime
+        return path.lstat().st_ctime
     except OSError:
-        pass
-    return None
+        return None
+
+
+def hook_problem(hook: Path) -> str:
+    """Why libvirt would not run the hook ('' when it would): as its virFileIsExecutable,
+    a regular file (links followed) with any execute bit, since libvirt runs it as root."""
+    try:
+        mode = hook.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "not installed"
+    except OSError as err:
+        return f"not readable by this user ({err.strerror}; run doctor as root)"
+    if not stat.S_ISREG(mode):
+        return "not a regular file"
+    return "" if mode & 0o111 else "not executable"

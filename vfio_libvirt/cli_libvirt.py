@@ -15,6 +15,7 @@ from vfio_libvirt.cli_common import (
     Command,
     Finding,
     core_logs_silenced,
+    driver_hooks_since,
     emit_json,
     hook_seen_by,
     reload_marks,
@@ -151,8 +152,9 @@ def _hook_findings(hook: Path, reloaded: dict[str, float]) -> list[Finding]:
         return [Finding("fail", f"hook {hook} is not executable", f"chmod 755 {hook}")]
     found = [Finding("ok", f"hook installed: {hook}")]
     started = _daemon_start_times()
+    since = driver_hooks_since(hook)
     for daemon, start in started.items():
-        seen = hook_seen_by(start, reloaded.get(daemon, 0.0), hook)
+        seen = hook_seen_by(start, reloaded.get(daemon, 0.0), since)
         if seen == "started":
             found.append(Finding("ok", f"{daemon} started after the hook: it runs it"))
         elif seen == "reloaded":

@@ -14,12 +14,11 @@ what the lines say is decided by pure functions, so it is tested without a daemo
 
 from __future__ import annotations
 
-import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from vfio_libvirt.cli_common import Finding, hook_seen_by
+from vfio_libvirt.cli_common import Finding, driver_hooks_since, hook_problem, hook_seen_by
 from vfio_libvirt.errors import InputError, OperationError
 
 NETWORK_HOOK = "/etc/libvirt/hooks/network.d/vfio-libvirt"
@@ -122,7 +121,7 @@ def network_findings(networks: Iterable[NetworkXml], hook: Path, daemons: dict[s
             continue
         if pool is not None:
             pools.append((name, pool))
-    missing = _hook_problem(hook)
+    missing = hook_problem(hook)
     reload = f"systemctl reload {_network_daemon(daemons)}"
     for name, pool in pools:
         what = f"network {name}: hostdev pool ({pool.source}), managed='{'yes' if pool.managed else 'no'}'"
@@ -140,20 +139,6 @@ def network_findings(networks: Iterable[NetworkXml], hook: Path, daemons: dict[s
     if not pools:
         out.append(Finding("ok", f"networks: {count} defined, no SR-IOV hostdev pool"))
     return out
-
-
-def _hook_problem(hook: Path) -> str:
-    """Why libvirt would not run the hook ('' when it would): as its virFileIsExecutable,
-    a regular file with any execute bit, since libvirt runs it as root."""
-    try:
-        mode = hook.stat().st_mode
-    except (FileNotFoundError, NotADirectoryError):
-        return "not installed"
-    except OSError as err:
-        return f"not readable by this user ({err.strerror}; run doctor as root)"
-    if not stat.S_ISREG(mode):
-        return "not a regular file"
-    return "" if mode & 0o111 else "not executable"
 
 
 def _network_daemon(daemons: dict[str, float]) -> str:
@@ -174,8 +159,9 @@ def _daemon_findings(hook: Path, daemons: dict[str, float], reloaded: dict[str, 
         return [Finding("ok", "no libvirtd/virtnetworkd running: the next one started runs the "
                         "network hook")]
     out = []
+    since = driver_hooks_since(hook)
     for daemon, start in sorted(daemons.items()):
-        seen = hook_seen_by(start, reloaded.get(daemon, 0.0), hook)
+        seen = hook_seen_by(start, reloaded.get(daemon, 0.0), since)
         if seen == "started":
             out.append(Finding("ok", f"{daemon} started after the network hook: it runs it"))
         elif seen == "reloaded":
